@@ -1,0 +1,94 @@
+"""TrainConfig validation, serialisation and the factories."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+
+from tfngd.config import (
+    ConfigError,
+    TrainConfig,
+    build_model,
+    build_optimizer,
+    learning_rate_schedule,
+)
+
+
+def test_defaults_are_valid():
+    assert TrainConfig().validate() is not None
+
+
+@pytest.mark.parametrize(
+    ("changes", "names"),
+    [
+        ({"learning_rate": 0.0}, ["learning_rate", "(0.0, 10.0]"]),
+        ({"learning_rate": float("nan")}, ["learning_rate"]),
+        ({"batch_size": 0}, ["batch_size", "[1, 65536]"]),
+        ({"epochs": 0}, ["epochs", ">= 1"]),
+        ({"ema_decay": 1.0}, ["ema_decay", "[0.0, 1.0)"]),
+        ({"dataset": "imagenet"}, ["dataset", "digits", "mnist", "checkerboard"]),
+        ({"schedule": "sigmoid"}, ["schedule", "linear", "cosine"]),
+        ({"sampler": "euler"}, ["sampler", "ddpm", "ddim"]),
+        ({"prediction_type": "score"}, ["prediction_type", "eps", "x0", "v"]),
+        ({"optimizer": "lamb"}, ["optimizer", "adam", "sgd"]),
+        ({"groups": 7}, ["groups=7", "32"]),
+        ({"sample_steps": 2000}, ["sample_steps", "[1, 1000]"]),
+        ({"warmup_steps": 10_000}, ["warmup_steps", "3000"]),
+        ({"zero_terminal_snr": True}, ["zero_terminal_snr", "'v'"]),
+        ({"min_snr_gamma": -1.0}, ["min_snr_gamma"]),
+        ({"batch_size": True}, ["batch_size"]),
+    ],
+)
+def test_invalid_values_name_the_option_and_the_allowed_range(changes, names):
+    config = dataclasses.replace(TrainConfig(), **changes)
+    with pytest.raises(ConfigError) as err:
+        config.validate()
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_round_trip_through_json(tmp_path):
+    config = TrainConfig(dataset="mnist", channel_mults=(1, 2, 2), min_snr_gamma=5.0)
+    path = tmp_path / "config.json"
+    config.save(str(path))
+    assert TrainConfig.load(str(path)) == config
+
+
+def test_unknown_keys_and_unreadable_files_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config options: colour"):
+        TrainConfig.from_dict({"colour": "red"})
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read the run config"):
+        TrainConfig.load(str(bad))
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_the_final_fraction():
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=10, epochs=2, steps_per_epoch=55,
+                         final_lr_fraction=0.1).validate()
+    lr = learning_rate_schedule(config)
+    values = [float(lr(step)) for step in (0, 5, 10, 60, 110)]
+    np.testing.assert_allclose(values[:3], [0.0, 5e-4, 1e-3], rtol=1e-6)
+    # cosine from 1e-3 (step 10) to 1e-4 (step 110): halfway is the mean of both
+    np.testing.assert_allclose(values[3], 0.5 * (1e-3 + 1e-4), rtol=1e-5)
+    np.testing.assert_allclose(values[4], 1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_are_keras_optimizers_with_clipping(name):
+    optimizer = build_optimizer(TrainConfig(optimizer=name, global_clipnorm=0.5).validate())
+    assert isinstance(optimizer, keras.optimizers.Optimizer)
+    assert optimizer.global_clipnorm == 0.5
+
+
+def test_build_model_picks_the_network_from_the_example_shape():
+    config = TrainConfig(base_channels=8, groups=4).validate()
+    image_model = build_model(config, (8, 8, 1))
+    assert image_model.denoiser.name == "unet"
+    vector_model = build_model(config, (2,))
+    assert vector_model.denoiser.name == "mlp_denoiser"
+    conditional = build_model(dataclasses.replace(config, conditional=True), (8, 8, 1), 10)
+    assert conditional.num_classes == 10 and len(conditional.denoiser.inputs) == 3
+    with pytest.raises(ConfigError, match="no labels"):
+        build_model(dataclasses.replace(config, conditional=True), (2,), None)

@@ -1,0 +1,119 @@
+"""Crash-safe training checkpoints and resume.
+
+A checkpoint is a Keras ``.weights.h5`` file holding every variable of the
+model (denoiser, EMA copy, timestep-sampler history) and of its optimizer
+(step count, moments), plus a small JSON pointer that names the newest
+complete file and the epoch it ends. Writes are atomic: the weights go to a
+temporary file that is renamed into place, then the pointer is replaced the
+same way, so a run killed at any moment leaves the previous checkpoint
+usable. The ``keep`` newest checkpoints are kept.
+
+Because every random draw of :class:`tfngd.model.DiffusionModel` is seeded by
+the optimizer's step and the data pipeline is step-indexed
+(:func:`tfngd.data.training_batches`), a resumed run continues exactly as
+the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+
+POINTER = "checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (corrupt, or made by a different model)."""
+
+
+def latest_checkpoint(directory: str) -> dict | None:
+    """The pointer ``{"path", "epoch", "step"}`` of the newest checkpoint, or None."""
+    pointer = os.path.join(directory, POINTER)
+    if not os.path.exists(pointer):
+        return None
+    try:
+        with open(pointer) as f:
+            info = json.load(f)
+        info["path"] = os.path.join(directory, info["file"])
+        int(info["epoch"]), int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"corrupt checkpoint pointer {pointer}: {err}") from err
+    if not os.path.exists(info["path"]):
+        raise CheckpointError(f"checkpoint pointer {pointer} names a missing file {info['path']}")
+    return info
+
+
+def save_checkpoint(model: keras.Model, directory: str, epoch: int, keep: int = 2) -> str:
+    """Atomically write the model and optimizer state reached at the end of ``epoch``."""
+    os.makedirs(directory, exist_ok=True)
+    step = int(model.optimizer.iterations.numpy())
+    name = f"ckpt-{step:09d}.weights.h5"
+    tmp = os.path.join(directory, f"tmp-{name}")
+    model.save_weights(tmp)
+    os.replace(tmp, os.path.join(directory, name))
+    pointer_tmp = os.path.join(directory, POINTER + ".tmp")
+    with open(pointer_tmp, "w") as f:
+        json.dump({"file": name, "epoch": epoch + 1, "step": step}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, os.path.join(directory, POINTER))
+    checkpoints = sorted(n for n in os.listdir(directory)
+                         if n.startswith("ckpt-") and n.endswith(".weights.h5"))
+    for old in checkpoints[:-keep]:
+        os.remove(os.path.join(directory, old))
+    return os.path.join(directory, name)
+
+
+def restore_checkpoint(model: keras.Model, directory: str) -> dict | None:
+    """Load the newest checkpoint into a compiled ``model``.
+
+    Returns the pointer (with ``epoch``: the number of finished epochs and
+    ``step``: the optimizer step), or None when there is no checkpoint.
+    Raises :class:`CheckpointError` when the file is unreadable or does not
+    match the model.
+    """
+    info = latest_checkpoint(directory)
+    if info is None:
+        return None
+    if model.optimizer is None:
+        raise CheckpointError("compile the model before restoring a checkpoint")
+    model.optimizer.build(model.trainable_variables)
+    try:
+        model.load_weights(info["path"])
+    except Exception as err:  # h5py, shape and structure errors all mean "unusable"
+        raise CheckpointError(
+            f"cannot restore {info['path']}: {err}. The file is corrupt or was written by a "
+            "different model configuration; use a new output directory or the original config."
+        ) from err
+    restored_step = int(model.optimizer.iterations.numpy())
+    if restored_step != info["step"]:
+        raise CheckpointError(
+            f"{info['path']} holds optimizer step {restored_step}, its pointer says {info['step']}"
+        )
+    return info
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Save a checkpoint every ``every_epochs`` epochs and at the end of training."""
+
+    def __init__(self, directory: str, every_epochs: int = 1, keep: int = 2):
+        super().__init__()
+        if every_epochs < 1:
+            raise ValueError(f"every_epochs must be >= 1, got {every_epochs}")
+        self.directory = directory
+        self.every_epochs = every_epochs
+        self.keep = keep
+        self._last_saved_epoch = None
+        self._epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch = epoch
+        if (epoch + 1) % self.every_epochs == 0:
+            save_checkpoint(self.model, self.directory, epoch, self.keep)
+            self._last_saved_epoch = epoch
+
+    def on_train_end(self, logs=None):
+        if self._epoch is not None and self._last_saved_epoch != self._epoch:
+            save_checkpoint(self.model, self.directory, self._epoch, self.keep)

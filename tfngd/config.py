@@ -1,0 +1,337 @@
+"""Experiment configuration: one validated dataclass and the factories built from it.
+
+``TrainConfig`` holds every hyperparameter of a run (data, network,
+diffusion, optimisation, sampling). :meth:`TrainConfig.validate` checks each
+value before any work starts and raises :class:`ConfigError` naming the
+option and its allowed range or choices. The factories (:func:`build_model`,
+:func:`build_optimizer`) turn a validated config into Keras objects; the
+trainers, the sampler CLI and the benchmarks all build through them, so a
+checkpoint's ``config.json`` always rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import keras
+
+from tfngd import data as data_lib
+from tfngd import gaussian_diffusion as gd
+from tfngd import samplers, schedules, timestep_sampling
+from tfngd.model import DiffusionModel
+from tfngd.networks import build_mlp_denoiser, build_unet
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class ConfigError(ValueError):
+    """An invalid hyperparameter; the message names the option and what is allowed."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every hyperparameter of a training run. Defaults: the built-in digits job."""
+
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    num_train: int | None = None
+    # network (U-Net for images, MLP for vectors)
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (4,)
+    num_heads: int = 1
+    dropout: float = 0.0
+    groups: int = 8
+    hidden_units: int = 256
+    num_blocks: int = 3
+    conditional: bool = False
+    class_dropout: float = 0.1
+    # diffusion
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+    prediction_type: str = "eps"
+    variance_type: str = "fixed_small"
+    zero_terminal_snr: bool = False
+    min_snr_gamma: float | None = None
+    timestep_sampler: str = "uniform"
+    # optimisation
+    optimizer: str = "adam"
+    learning_rate: float = 2e-3
+    warmup_steps: int = 200
+    final_lr_fraction: float = 0.05
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    global_clipnorm: float | None = 1.0
+    batch_size: int = 64
+    epochs: int = 30
+    steps_per_epoch: int = 100
+    ema_decay: float = 0.995
+    jit_compile: bool = False
+    seed: int = 0
+    # sampling
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    eta: float = 0.0
+    clip_x0: bool = True
+    num_samples: int | None = None
+
+    # -- validation ------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` for the first invalid value; return self."""
+
+        def choice(option, value, choices):
+            if value not in choices:
+                raise ConfigError(
+                    f"{option}={value!r} is not valid; choose one of: {', '.join(choices)}"
+                )
+
+        def integer(option, value, low, high=None):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+                high is not None and value > high
+            ):
+                allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise ConfigError(
+                    f"{option}={value!r} is not valid; it must be an integer {allowed}"
+                )
+
+        def real(option, value, low, high, low_open=False, high_open=False):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+                value)
+            if ok:
+                ok = (value > low if low_open else value >= low) and (
+                    value < high if high_open else value <= high)
+            if not ok:
+                lo = "(" if low_open else "["
+                hi = ")" if high_open else "]"
+                raise ConfigError(
+                    f"{option}={value!r} is not valid; it must be a finite number in "
+                    f"{lo}{low}, {high}{hi}"
+                )
+
+        choice("dataset", self.dataset, data_lib.DATASETS)
+        if self.num_train is not None:
+            integer("num_train", self.num_train, 1)
+        integer("base_channels", self.base_channels, 1)
+        if not self.channel_mults:
+            raise ConfigError("channel_mults must list at least one multiplier")
+        for mult in self.channel_mults:
+            integer("channel_mults", mult, 1)
+        integer("num_res_blocks", self.num_res_blocks, 1)
+        for resolution in self.attention_resolutions:
+            integer("attention_resolutions", resolution, 1)
+        integer("num_heads", self.num_heads, 1)
+        real("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        integer("groups", self.groups, 1)
+        for channels in (self.base_channels, *(self.base_channels * m for m in self.channel_mults)):
+            if channels % self.groups:
+                raise ConfigError(
+                    f"groups={self.groups} must divide the channels of every U-Net level "
+                    f"(base_channels * channel_mults), but not {channels}"
+                )
+        integer("hidden_units", self.hidden_units, 1)
+        integer("num_blocks", self.num_blocks, 0)
+        real("class_dropout", self.class_dropout, 0.0, 1.0)
+        choice("schedule", self.schedule, schedules.SCHEDULES)
+        integer("num_timesteps", self.num_timesteps, 2, 100_000)
+        choice("prediction_type", self.prediction_type, gd.PREDICTION_TYPES)
+        choice("variance_type", self.variance_type, gd.VARIANCE_TYPES)
+        if self.zero_terminal_snr and self.prediction_type == "eps":
+            raise ConfigError("zero_terminal_snr needs prediction_type 'v' or 'x0', not 'eps'")
+        if self.min_snr_gamma is not None:
+            real("min_snr_gamma", self.min_snr_gamma, 0.0, 1e6, low_open=True)
+        choice("timestep_sampler", self.timestep_sampler, timestep_sampling.TIMESTEP_SAMPLERS)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        real("learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
+        integer("warmup_steps", self.warmup_steps, 0)
+        real("final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
+        real("weight_decay", self.weight_decay, 0.0, 1.0)
+        real("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        if self.global_clipnorm is not None:
+            real("global_clipnorm", self.global_clipnorm, 0.0, 1e6, low_open=True)
+        integer("batch_size", self.batch_size, 1, 65_536)
+        integer("epochs", self.epochs, 1)
+        integer("steps_per_epoch", self.steps_per_epoch, 1)
+        if self.warmup_steps >= self.total_steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} must be smaller than the total number of "
+                f"steps (epochs * steps_per_epoch = {self.total_steps})"
+            )
+        real("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        integer("seed", self.seed, 0, 2**31 - 1)
+        choice("sampler", self.sampler, samplers.SAMPLERS)
+        integer("sample_steps", self.sample_steps, 1, self.num_timesteps)
+        real("eta", self.eta, 0.0, 1e3)
+        if self.num_samples is not None:
+            integer("num_samples", self.num_samples, 1, 65_536)
+        return self
+
+    def samples_for(self, data_shape) -> int:
+        """Samples in the final picture: a grid of 64 images, or a 2048-point scatter plot."""
+        if self.num_samples is not None:
+            return self.num_samples
+        return 64 if len(data_shape) == 3 else 2048
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    # -- serialisation -----------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config options: {', '.join(unknown)}")
+        values = dict(values)
+        for key in ("channel_mults", "attention_resolutions"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> TrainConfig:
+        try:
+            with open(path) as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read the run config {path}: {err}") from err
+        return cls.from_dict(values)
+
+
+# -- factories -------------------------------------------------------------------
+def build_diffusion(config: TrainConfig) -> gd.GaussianDiffusion:
+    return gd.GaussianDiffusion(
+        schedule=config.schedule,
+        num_timesteps=config.num_timesteps,
+        prediction_type=config.prediction_type,
+        variance_type=config.variance_type,
+        zero_terminal_snr=config.zero_terminal_snr,
+        min_snr_gamma=config.min_snr_gamma,
+    )
+
+
+def build_denoiser(config: TrainConfig, data_shape: tuple, num_classes: int | None):
+    """The U-Net for image data (rank-3 examples), the MLP for vectors."""
+    classes = num_classes if config.conditional else None
+    if config.conditional and num_classes is None:
+        raise ConfigError(f"conditional=True, but data set {config.dataset!r} has no labels")
+    if len(data_shape) == 3:
+        return build_unet(
+            data_shape,
+            base_channels=config.base_channels,
+            channel_mults=config.channel_mults,
+            num_res_blocks=config.num_res_blocks,
+            attention_resolutions=config.attention_resolutions,
+            num_heads=config.num_heads,
+            dropout=config.dropout,
+            groups=config.groups,
+            num_classes=classes,
+        )
+    if len(data_shape) == 1:
+        return build_mlp_denoiser(
+            data_shape[0], config.hidden_units, config.num_blocks, num_classes=classes
+        )
+    raise ConfigError(f"unsupported example shape {data_shape}: expected (H, W, C) or (D,)")
+
+
+def build_model(config: TrainConfig, data_shape: tuple,
+                num_classes: int | None = None) -> DiffusionModel:
+    """The (uncompiled) :class:`DiffusionModel` that ``config`` describes.
+
+    The initial weights are a function of ``config.seed`` (Keras' global
+    seed is set from it before the layers are built).
+    """
+    keras.utils.set_random_seed(config.seed)
+    return DiffusionModel(
+        build_denoiser(config, tuple(data_shape), num_classes),
+        build_diffusion(config),
+        timestep_sampler=config.timestep_sampler,
+        ema_decay=config.ema_decay,
+        num_classes=num_classes if config.conditional else None,
+        class_dropout=config.class_dropout,
+        seed=config.seed,
+    )
+
+
+def learning_rate_schedule(config: TrainConfig) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Linear warm-up from 0 to ``learning_rate``, then cosine decay to
+    ``final_lr_fraction * learning_rate`` at the last step (Loshchilov & Hutter 2017)."""
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        decay_steps=config.total_steps - config.warmup_steps,
+        alpha=config.final_lr_fraction,
+        warmup_target=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+    )
+
+
+def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
+    """The Keras optimizer named by ``config.optimizer`` with the warm-up + cosine schedule."""
+    lr = learning_rate_schedule(config)
+    common = {"learning_rate": lr, "global_clipnorm": config.global_clipnorm}
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(**common)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(weight_decay=config.weight_decay, **common)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(momentum=config.momentum, nesterov=True, **common)
+    raise ConfigError(f"optimizer={config.optimizer!r} is not valid; choose one of: "
+                      f"{', '.join(OPTIMIZERS)}")
+
+
+OPTION_HELP = {
+    "dataset": f"data set: {', '.join(data_lib.DATASETS)}",
+    "data_dir": "directory with MNIST IDX files (offline) or a tensorflow-datasets data_dir",
+    "num_train": "use only the first N training examples",
+    "base_channels": "U-Net channels at the first resolution level",
+    "channel_mults": "U-Net channel multiplier per level, comma separated",
+    "num_res_blocks": "U-Net residual blocks per level",
+    "attention_resolutions": "spatial sizes with self-attention, comma separated (empty: none)",
+    "num_heads": "attention heads",
+    "dropout": "dropout rate in residual blocks, in [0, 1)",
+    "groups": "GroupNormalization groups (must divide every level's channels)",
+    "hidden_units": "MLP denoiser width (vector data)",
+    "num_blocks": "MLP denoiser residual blocks (vector data)",
+    "conditional": "train a class-conditional model (classifier-free guidance)",
+    "class_dropout": "probability of the null label in conditional training",
+    "schedule": f"noise schedule: {', '.join(schedules.SCHEDULES)}",
+    "num_timesteps": "length T of the diffusion chain",
+    "prediction_type": f"network output: {', '.join(gd.PREDICTION_TYPES)}",
+    "variance_type": f"reverse-process variance: {', '.join(gd.VARIANCE_TYPES)}",
+    "zero_terminal_snr": "rescale the schedule to zero terminal SNR (needs v or x0 prediction)",
+    "min_snr_gamma": "Min-SNR-gamma loss weighting (e.g. 5); 'none' disables",
+    "timestep_sampler": "training timestep sampler: "
+    + ", ".join(timestep_sampling.TIMESTEP_SAMPLERS),
+    "optimizer": f"optimizer: {', '.join(OPTIMIZERS)}",
+    "learning_rate": "peak learning rate (after warm-up; cosine decay afterwards)",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "final_lr_fraction": "learning rate at the last step, as a fraction of the peak",
+    "weight_decay": "decoupled weight decay (adamw)",
+    "momentum": "momentum (sgd, Nesterov)",
+    "global_clipnorm": "clip the global gradient norm to this value; 'none' disables",
+    "batch_size": "training batch size",
+    "epochs": "training epochs",
+    "steps_per_epoch": "optimizer steps per epoch (checkpoint and log interval)",
+    "ema_decay": "decay of the EMA weights used for sampling and evaluation",
+    "jit_compile": "compile the train step with XLA",
+    "seed": "seed of initialisation, data order, timesteps and noise",
+    "sampler": f"sampler for the sample grid and the export: {', '.join(samplers.SAMPLERS)}",
+    "sample_steps": "sampling steps (respaced chain)",
+    "eta": "DDIM eta (0: deterministic)",
+    "clip_x0": "clip the predicted x0 to [-1, 1] while sampling",
+    "num_samples": "samples in the final grid (default: 64 images, or 2048 points for 2-D data)",
+}

@@ -1,0 +1,286 @@
+"""``DiffusionModel``: a ``keras.Model`` whose ``train_step`` runs the DDPM objective.
+
+Usage::
+
+    model = DiffusionModel(build_unet((8, 8, 1)), GaussianDiffusion("cosine", 1000))
+    model.compile(optimizer=keras.optimizers.Adam(2e-4, global_clipnorm=1.0))
+    model.fit(train_ds, epochs=10, steps_per_epoch=100, validation_data=eval_ds)
+    images = model.sample(16, seed=0, num_steps=50)
+
+One training step (Ho et al. 2020, Algorithm 1, with the extensions of
+Nichol & Dhariwal 2021 and Hang et al. 2023):
+
+1. ``t ~ p(t)`` (uniform, or importance-sampled with unbiasing weights),
+   ``eps ~ N(0, I)``, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``;
+2. per-example loss ``L_n = w_snr(t_n) * mean ||target - f(x_t, t_n)||^2``;
+3. objective ``mean_n(w_is(t_n) L_n)``; gradient step with the compiled
+   optimizer; EMA update of the weights.
+
+Every random draw is stateless and seeded by ``(seed, optimizer.iterations)``,
+so a run restored from a checkpoint draws exactly what the uninterrupted run
+would have drawn.
+
+Data: each batch is either ``x_0``, a tuple ``(x_0, label)``, or a dict with
+``"x0"`` and optionally ``"label"``, ``"t"`` and ``"noise"`` (a fixed
+evaluation bank; ``test_step`` then uses the given ``t`` and ``noise``).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tfngd import samplers
+from tfngd.gaussian_diffusion import GaussianDiffusion
+from tfngd.timestep_sampling import make_timestep_sampler
+
+# Indices of the stateless random streams drawn at each step.
+_STREAM_T, _STREAM_NOISE, _STREAM_LABEL_DROP = 0, 1, 2
+
+
+def _optional_tensor(value, dtype):
+    return None if value is None else tf.constant(value, dtype)
+
+
+def ema_decay_at(step, decay: float, warmup: bool):
+    """EMA decay at update ``step`` (0-based): ``min(decay, (1 + n) / (10 + n))`` with warm-up.
+
+    The warm-up (used by TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates``) keeps the early average from being dominated by the
+    random initialisation.
+    """
+    if not warmup:
+        return tf.constant(decay, tf.float32)
+    n = tf.cast(step, tf.float32) + 1.0
+    return tf.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+class DiffusionModel(keras.Model):
+    """A denoising diffusion model trained with any Keras optimizer.
+
+    Args:
+      denoiser: a Keras model ``[x, t(, label)] -> prediction`` (see
+        :mod:`tfngd.networks`).
+      diffusion: the :class:`GaussianDiffusion` (schedule, parameterisation,
+        loss weighting).
+      timestep_sampler: ``"uniform"`` or ``"loss_second_moment"``.
+      ema_decay: decay of the exponential moving average of the weights
+        (0 disables averaging: the EMA copy then equals the weights).
+      ema_warmup: use ``min(decay, (1 + n) / (10 + n))`` at update n.
+      num_classes: classes of a conditional denoiser (its null label is
+        ``num_classes``), or None.
+      class_dropout: probability of replacing a label by the null label in
+        training (classifier-free guidance).
+      evaluate_with_ema: ``test_step`` scores the EMA weights.
+      seed: base seed of the stateless random streams.
+    """
+
+    def __init__(
+        self,
+        denoiser: keras.Model,
+        diffusion: GaussianDiffusion,
+        timestep_sampler: str = "uniform",
+        ema_decay: float = 0.999,
+        ema_warmup: bool = True,
+        num_classes: int | None = None,
+        class_dropout: float = 0.1,
+        evaluate_with_ema: bool = True,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if not 0.0 <= class_dropout <= 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1], got {class_dropout}")
+        conditional = len(denoiser.inputs) == 3
+        if conditional != (num_classes is not None):
+            raise ValueError(
+                "num_classes must be given exactly when the denoiser takes a label input "
+                f"(denoiser inputs: {[i.name for i in denoiser.inputs]}, num_classes={num_classes})"
+            )
+        self.denoiser = denoiser
+        self.ema_denoiser = keras.models.clone_model(denoiser)
+        self.ema_denoiser.set_weights(denoiser.get_weights())
+        self.ema_denoiser.trainable = False
+        self.diffusion = diffusion
+        self.timestep_sampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
+        self.timestep_sampler_name = timestep_sampler
+        self.ema_decay = float(ema_decay)
+        self.ema_warmup = bool(ema_warmup)
+        self.num_classes = num_classes
+        self.class_dropout = float(class_dropout)
+        self.evaluate_with_ema = bool(evaluate_with_ema)
+        self.seed = int(seed)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.quartile_trackers = [keras.metrics.Mean(name=f"loss_q{q + 1}") for q in range(4)]
+        self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
+        self._sample_functions = {}
+        self.built = True
+
+    # -- Keras plumbing ----------------------------------------------------
+    @property
+    def data_shape(self) -> tuple:
+        return tuple(self.denoiser.inputs[0].shape[1:])
+
+    @property
+    def is_image_model(self) -> bool:
+        """Image data lives in [-1, 1] (x0 clipping applies); vector data is unbounded."""
+        return len(self.data_shape) == 3
+
+    @property
+    def null_label(self) -> int | None:
+        return self.num_classes
+
+    def call(self, inputs, training=False):
+        return self.denoiser(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, *self.quartile_trackers, self.grad_norm_tracker]
+
+    # -- data --------------------------------------------------------------
+    def _unpack(self, data):
+        """Returns ``(x0, label, t, noise)``; the last three may be None."""
+        if isinstance(data, dict):
+            return data["x0"], data.get("label"), data.get("t"), data.get("noise")
+        if isinstance(data, (tuple, list)):
+            x0 = data[0]
+            label = data[1] if len(data) > 1 else None
+            return x0, label, None, None
+        return data, None, None, None
+
+    def _denoiser_inputs(self, x_t, t, label):
+        if self.num_classes is None:
+            return [x_t, t]
+        if label is None:
+            raise ValueError("this model is class-conditional: batches must carry a label")
+        return [x_t, t, tf.cast(label, tf.int32)]
+
+    def _step_seed(self, stream: int):
+        step = tf.cast(self.optimizer.iterations, tf.int64)
+        return tf.stack([tf.constant(self.seed, tf.int64) * 1000003 + stream, step])
+
+    # -- objective -----------------------------------------------------------
+    def denoising_loss(self, denoiser, x0, t, noise, label, importance_weights, training):
+        """Returns ``(objective, per_example_loss)``.
+
+        ``per_example_loss`` includes the Min-SNR weight (it is what the
+        importance sampler records); ``objective`` also includes the
+        importance weights.
+        """
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        output = denoiser(self._denoiser_inputs(x_t, t, label), training=training)
+        per_example = (self.diffusion.per_example_loss(output, x0, noise, t)
+                       * self.diffusion.loss_weights(t))
+        objective = tf.reduce_mean(per_example * importance_weights)
+        return objective, per_example
+
+    def _update_quartiles(self, per_example, t):
+        quartile = tf.minimum(t * 4 // self.diffusion.num_timesteps, 3)
+        for q, tracker in enumerate(self.quartile_trackers):
+            tracker.update_state(per_example, sample_weight=tf.cast(quartile == q, tf.float32))
+
+    def train_step(self, data):
+        x0, label, _, _ = self._unpack(data)
+        x0 = tf.cast(x0, tf.float32)
+        batch = tf.shape(x0)[0]
+        t, importance_weights = self.timestep_sampler.sample(batch, self._step_seed(_STREAM_T))
+        noise = tf.random.stateless_normal(tf.shape(x0), seed=self._step_seed(_STREAM_NOISE))
+        if self.num_classes is not None and label is None:
+            raise ValueError("this model is class-conditional: batches must carry a label")
+        if self.num_classes is not None and self.class_dropout > 0:
+            drop = tf.random.stateless_uniform([batch], seed=self._step_seed(_STREAM_LABEL_DROP))
+            label = tf.where(drop < self.class_dropout, self.null_label, tf.cast(label, tf.int32))
+
+        variables = self.denoiser.trainable_variables
+        with tf.GradientTape() as tape:
+            objective, per_example = self.denoising_loss(
+                self.denoiser, x0, t, noise, label, importance_weights, training=True
+            )
+            scaled = self.optimizer.scale_loss(objective)
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        self.update_ema()
+        self.timestep_sampler.update(t, per_example)
+
+        self.loss_tracker.update_state(objective, sample_weight=tf.cast(batch, tf.float32))
+        self._update_quartiles(per_example, t)
+        self.grad_norm_tracker.update_state(tf.linalg.global_norm(gradients))
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x0, label, t, noise = self._unpack(data)
+        x0 = tf.cast(x0, tf.float32)
+        batch = tf.shape(x0)[0]
+        if t is None:
+            t = tf.random.stateless_uniform([batch], seed=self._step_seed(_STREAM_T), minval=0,
+                                            maxval=self.diffusion.num_timesteps, dtype=tf.int32)
+        if noise is None:
+            noise = tf.random.stateless_normal(tf.shape(x0), seed=self._step_seed(_STREAM_NOISE))
+        denoiser = self.ema_denoiser if self.evaluate_with_ema else self.denoiser
+        objective, per_example = self.denoising_loss(
+            denoiser, x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32), label,
+            tf.ones([batch]), training=False,
+        )
+        self.loss_tracker.update_state(objective, sample_weight=tf.cast(batch, tf.float32))
+        self._update_quartiles(per_example, t)
+        return {m.name: m.result() for m in self.metrics[:-1]}
+
+    # -- EMA -----------------------------------------------------------------
+    def update_ema(self):
+        """``ema <- d * ema + (1 - d) * w`` for every weight of the denoiser."""
+        decay = ema_decay_at(self.optimizer.iterations - 1, self.ema_decay, self.ema_warmup)
+        for ema_var, var in zip(self.ema_denoiser.weights, self.denoiser.weights, strict=True):
+            d = tf.cast(decay, ema_var.dtype)
+            ema_var.assign(d * ema_var + (1.0 - d) * tf.cast(var, ema_var.dtype))
+
+    # -- sampling ------------------------------------------------------------
+    def sample(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        num_steps: int | None = None,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        spacing: str = "trailing",
+        clip_x0: bool = True,
+        label=None,
+        guidance_scale=None,
+        use_ema: bool = True,
+    ) -> tf.Tensor:
+        """Draw samples in [-1, 1] (for images) with a graph-mode sampler.
+
+        ``num_steps`` defaults to the full chain. ``clip_x0`` applies to image
+        models only (vector data is unbounded and never clipped). See
+        :func:`tfngd.samplers.sample`.
+        """
+        clip_x0 = clip_x0 and self.is_image_model
+        if num_steps is None:
+            num_steps = self.diffusion.num_timesteps
+        if self.num_classes is not None and label is None:
+            label = self.null_label  # unconditional sample of a conditional model
+        if not 1 <= num_steps <= self.diffusion.num_timesteps:
+            raise ValueError(f"num_steps must be in [1, {self.diffusion.num_timesteps}] (the "
+                             f"length of the chain), got {num_steps}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        key = (num_samples, sampler, float(eta), spacing, clip_x0, label is None,
+               guidance_scale is None, use_ema)
+        if key not in self._sample_functions:
+            step = samplers.make_sampler(sampler, self.diffusion.variance_type, eta)
+            denoiser = self.ema_denoiser if use_ema else self.denoiser
+
+            @tf.function(reduce_retracing=True)
+            def run(seed, num_steps, label, guidance_scale):
+                if label is not None:
+                    label = tf.broadcast_to(label, [num_samples])
+                fn = samplers.denoiser_fn(denoiser, label, guidance_scale, self.null_label)
+                return samplers.sample(fn, self.diffusion, [num_samples, *self.data_shape],
+                                       seed, num_steps, step, spacing, clip_x0)
+
+            self._sample_functions[key] = run
+        return self._sample_functions[key](
+            tf.constant(seed, tf.int64), tf.constant(num_steps, tf.int32),
+            _optional_tensor(label, tf.int32), _optional_tensor(guidance_scale, tf.float32),
+        )

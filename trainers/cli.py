@@ -1,0 +1,59 @@
+"""Shared command-line plumbing: TrainConfig <-> argparse, and one-line error exits."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from tfngd.config import OPTION_HELP, TrainConfig
+
+
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "") else float(text)
+
+
+def _parse_int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """One ``--option`` per TrainConfig field, typed from the field's annotation."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("training configuration")
+    for field in dataclasses.fields(TrainConfig):
+        hint = hints[field.name]
+        default = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{OPTION_HELP[field.name]} (default: {_show(default)})"
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+        elif hint == tuple[int, ...]:
+            group.add_argument(flag, type=_parse_int_tuple, default=default, metavar="N,N",
+                               help=help_text)
+        elif hint == (float | None):
+            group.add_argument(flag, type=_parse_optional_float, default=default, help=help_text)
+        elif hint == (int | None):
+            group.add_argument(flag, type=int, default=default, help=help_text)
+        elif hint == (str | None):
+            group.add_argument(flag, type=str, default=default, help=help_text)
+        else:
+            group.add_argument(flag, type=hint, default=default, help=help_text)
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def fail(program: str, message: str, code: int = 2) -> int:
+    """Print ``program: error: message`` on one line to stderr and return the exit code."""
+    print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
