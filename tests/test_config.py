@@ -75,7 +75,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_final_fraction():
     np.testing.assert_allclose(values[4], 1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "kfac"])
 def test_optimizers_are_keras_optimizers_with_clipping(name):
     optimizer = build_optimizer(TrainConfig(optimizer=name, global_clipnorm=0.5).validate())
     assert isinstance(optimizer, keras.optimizers.Optimizer)

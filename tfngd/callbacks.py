@@ -183,6 +183,11 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
             scalars["step_time_seconds"] = seconds_per_step
             if self.batch_size is not None and seconds_per_step > 0:
                 scalars["examples_per_second"] = self.batch_size / seconds_per_step
+        # Curvature diagnostics of natural-gradient optimizers (damping, KL-clip scale,
+        # factor eigenvalue ranges, skipped updates), named "kfac/...".
+        diagnostics = getattr(self.model.optimizer, "diagnostics", None)
+        if callable(diagnostics):
+            scalars.update({name: _to_float(value) for name, value in diagnostics().items()})
         return scalars
 
     # -- Keras hooks ---------------------------------------------------------

@@ -24,7 +24,7 @@ from tfngd import samplers, schedules, timestep_sampling
 from tfngd.model import DiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "kfac")
 
 
 class ConfigError(ValueError):
@@ -65,7 +65,9 @@ class TrainConfig:
     warmup_steps: int = 200
     final_lr_fraction: float = 0.05
     weight_decay: float = 0.0
-    momentum: float = 0.9
+    momentum: float | None = None
+    damping: float = 1e-3
+    inverse_every: int = 10
     global_clipnorm: float | None = 1.0
     batch_size: int = 64
     epochs: int = 30
@@ -150,7 +152,10 @@ class TrainConfig:
         integer("warmup_steps", self.warmup_steps, 0)
         real("final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
         real("weight_decay", self.weight_decay, 0.0, 1.0)
-        real("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        if self.momentum is not None:
+            real("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        real("damping", self.damping, 0.0, 1e6, low_open=True)
+        integer("inverse_every", self.inverse_every, 1)
         if self.global_clipnorm is not None:
             real("global_clipnorm", self.global_clipnorm, 0.0, 1e6, low_open=True)
         integer("batch_size", self.batch_size, 1, 65_536)
@@ -288,7 +293,14 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     if config.optimizer == "adamw":
         return keras.optimizers.AdamW(weight_decay=config.weight_decay, **common)
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(momentum=config.momentum, nesterov=True, **common)
+        momentum = 0.9 if config.momentum is None else config.momentum
+        return keras.optimizers.SGD(momentum=momentum, nesterov=True, **common)
+    if config.optimizer == "kfac":
+        from tfngd.optimizers import KFAC
+
+        return KFAC(damping=config.damping, inverse_every=config.inverse_every,
+                    momentum=0.5 if config.momentum is None else config.momentum,
+                    seed=config.seed, **common)
     raise ConfigError(f"optimizer={config.optimizer!r} is not valid; choose one of: "
                       f"{', '.join(OPTIMIZERS)}")
 
@@ -321,7 +333,10 @@ OPTION_HELP = {
     "warmup_steps": "linear learning-rate warm-up steps",
     "final_lr_fraction": "learning rate at the last step, as a fraction of the peak",
     "weight_decay": "decoupled weight decay (adamw)",
-    "momentum": "momentum (sgd, Nesterov)",
+    "momentum": "momentum; default 0.9 for sgd (Nesterov), 0.5 for kfac (heavy ball on the "
+    "preconditioned update; 0.9 diverged on diffusion, see docs/kfac.md)",
+    "damping": "K-FAC Tikhonov damping lambda (kfac)",
+    "inverse_every": "K-FAC inverse refresh period in steps (kfac)",
     "global_clipnorm": "clip the global gradient norm to this value; 'none' disables",
     "batch_size": "training batch size",
     "epochs": "training epochs",

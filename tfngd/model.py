@@ -27,11 +27,14 @@ evaluation bank; ``test_step`` then uses the given ``t`` and ``noise``).
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
 from tfngd import samplers
 from tfngd.gaussian_diffusion import GaussianDiffusion
+from tfngd.optimizers.training import kfac_of
 from tfngd.timestep_sampling import make_timestep_sampler
 
 # Indices of the stateless random streams drawn at each step.
@@ -135,6 +138,13 @@ class DiffusionModel(keras.Model):
     def call(self, inputs, training=False):
         return self.denoiser(inputs, training=training)
 
+    def compile(self, *args, **kwargs):
+        """Keras ``compile``; a K-FAC optimizer gets the denoiser's layers registered."""
+        super().compile(*args, **kwargs)
+        kfac = kfac_of(self.optimizer)
+        if kfac is not None and not kfac.is_registered:
+            kfac.register(self.denoiser)
+
     @property
     def metrics(self):
         return [self.loss_tracker, *self.quartile_trackers, self.grad_norm_tracker]
@@ -163,18 +173,18 @@ class DiffusionModel(keras.Model):
 
     # -- objective -----------------------------------------------------------
     def denoising_loss(self, denoiser, x0, t, noise, label, importance_weights, training):
-        """Returns ``(objective, per_example_loss)``.
+        """Returns ``(objective, per_example_loss, output)``.
 
         ``per_example_loss`` includes the Min-SNR weight (it is what the
         importance sampler records); ``objective`` also includes the
-        importance weights.
+        importance weights; ``output`` is the denoiser's prediction.
         """
         x_t = self.diffusion.q_sample(x0, t, noise)
         output = denoiser(self._denoiser_inputs(x_t, t, label), training=training)
         per_example = (self.diffusion.per_example_loss(output, x0, noise, t)
                        * self.diffusion.loss_weights(t))
         objective = tf.reduce_mean(per_example * importance_weights)
-        return objective, per_example
+        return objective, per_example, output
 
     def _update_quartiles(self, per_example, t):
         quartile = tf.minimum(t * 4 // self.diffusion.num_timesteps, 3)
@@ -194,12 +204,23 @@ class DiffusionModel(keras.Model):
             label = tf.where(drop < self.class_dropout, self.null_label, tf.cast(label, tf.int32))
 
         variables = self.denoiser.trainable_variables
-        with tf.GradientTape() as tape:
-            objective, per_example = self.denoising_loss(
-                self.denoiser, x0, t, noise, label, importance_weights, training=True
-            )
+        kfac = kfac_of(self.optimizer)
+        capture = kfac.capture() if kfac is not None else contextlib.nullcontext()
+        with tf.GradientTape(persistent=kfac is not None) as tape:
+            with capture as captured:
+                objective, per_example, output = self.denoising_loss(
+                    self.denoiser, x0, t, noise, label, importance_weights, training=True
+                )
             scaled = self.optimizer.scale_loss(objective)
         gradients = tape.gradient(scaled, variables)
+        if kfac is not None:
+            # objective = mean_n s_n ||target_n - f_n||^2 with s_n = w_is * w_snr / D:
+            # the Gaussian likelihood whose Fisher K-FAC approximates.
+            elements = tf.cast(tf.reduce_prod(tf.shape(output)[1:]), tf.float32)
+            scale = importance_weights * self.diffusion.loss_weights(t) / elements
+            kfac.update_curvature(tape, captured, output, "gaussian", per_example_scale=scale,
+                                  loss=objective)
+        del tape
         self.optimizer.apply(gradients, variables)
         self.update_ema()
         self.timestep_sampler.update(t, per_example)
@@ -219,7 +240,7 @@ class DiffusionModel(keras.Model):
         if noise is None:
             noise = tf.random.stateless_normal(tf.shape(x0), seed=self._step_seed(_STREAM_NOISE))
         denoiser = self.ema_denoiser if self.evaluate_with_ema else self.denoiser
-        objective, per_example = self.denoising_loss(
+        objective, per_example, _ = self.denoising_loss(
             denoiser, x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32), label,
             tf.ones([batch]), training=False,
         )

@@ -1,0 +1,343 @@
+"""Curvature blocks against independent references (docs/kfac.md, section 7).
+
+* one linear layer + squared error: one K-FAC step with lr 1 and tiny damping
+  lands on the least-squares solution;
+* factors vs numpy; the exact per-layer Fisher from per-example Jacobians vs
+  ``R (A kron G)`` where the Kronecker form is exact; the MC estimate of ``G``
+  converges to the exact one;
+* the fast preconditioner (both damping modes) vs a dense solve;
+* Conv2D patch factors vs an explicit numpy im2col, for every padding /
+  stride / dilation / kernel size combination Keras allows;
+* GroupNorm diagonal vs numpy per-example gradients.
+"""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfngd.optimizers import KFAC, NaturalGradientModel, find_registrable_layers
+from tfngd.optimizers.curvature_blocks import Conv2DBlock, DenseBlock, GroupNormBlock
+
+
+def exact_kfac(**kwargs):
+    """A KFAC whose factors are the last batch's exact-Fisher factors."""
+    defaults = dict(learning_rate=1.0, damping=1e-8, fisher="exact", statistics_decay=0.0,
+                    momentum=0.0, kl_clip=None, inverse_every=1)
+    return KFAC(**{**defaults, **kwargs})
+
+
+def curvature_step(model, optimizer, x, loss_fn=None, likelihood="gaussian", apply=True):
+    """One capture / update_curvature (/ apply) step; returns the captured calls."""
+    with tf.GradientTape(persistent=True) as tape:
+        with optimizer.capture() as captured:
+            outputs = model(x, training=True)
+        loss = loss_fn(outputs) if loss_fn is not None else tf.reduce_sum(outputs)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.update_curvature(tape, captured, outputs, likelihood)
+    if apply:
+        optimizer.apply(grads, model.trainable_variables)
+    return captured
+
+
+def with_bias_column(a):
+    return np.concatenate([a, np.ones_like(a[:, :1])], axis=1)
+
+
+# -- the exactness test: linear least squares in one step -------------------------------
+@pytest.mark.parametrize("damping_mode,inverse_method",
+                         [("pi", "eigh"), ("eigen", "eigh"), ("pi", "cholesky")])
+@pytest.mark.parametrize("decay", [0.0, 0.95])
+def test_one_step_on_linear_least_squares(damping_mode, inverse_method, decay):
+    rng = np.random.default_rng(0)
+    n, d_in, d_out = 64, 5, 3
+    x = rng.normal(size=(n, d_in)).astype("float32") + 0.5
+    y = (x @ rng.normal(size=(d_in, d_out)) + rng.normal(size=d_out)
+         + 0.3 * rng.normal(size=(n, d_out))).astype("float32")
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((d_in,))
+    model = NaturalGradientModel(inputs, keras.layers.Dense(d_out)(inputs))
+    # The pi split damps each factor by ~sqrt(lambda), so the effective perturbation of
+    # the product is O(sqrt(lambda)): pi mode needs a smaller lambda for the same accuracy.
+    damping = 1e-8 if damping_mode == "eigen" else 1e-12
+    optimizer = exact_kfac(damping=damping, damping_mode=damping_mode,
+                           inverse_method=inverse_method, statistics_decay=decay)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x, y, batch_size=n, epochs=1, shuffle=False, verbose=0)
+
+    solution, *_ = np.linalg.lstsq(with_bias_column(x).astype(np.float64), y, rcond=None)
+    kernel, bias = (v.numpy() for v in model.layers[-1].weights)
+    np.testing.assert_allclose(np.concatenate([kernel, bias[None]]), solution, atol=1e-4)
+
+
+# -- factors against numpy and against the exact Fisher -----------------------------------
+def test_dense_factors_over_tokens_match_numpy_and_the_exact_fisher():
+    """Dense on [N, T, d]: R = T, and with exact probes F = R (A kron G) exactly."""
+    rng = np.random.default_rng(1)
+    n, tokens, d_in, d_out = 3, 4, 3, 2
+    x = rng.normal(size=(n, tokens, d_in)).astype("float32")
+    inputs = keras.Input((tokens, d_in))
+    layer = keras.layers.Dense(d_out)
+    model = keras.Model(inputs, layer(inputs))
+    optimizer = exact_kfac().register(model)
+    curvature_step(model, optimizer, x, apply=False)
+    (block,) = optimizer.blocks
+
+    a = with_bias_column(x.reshape(-1, d_in))
+    np.testing.assert_allclose(block.a_factor.numpy(), a.T @ a / (n * tokens), rtol=1e-5)
+    scale = 1.0 / (tokens * d_out)  # Keras MSE: a mean over all output elements
+    np.testing.assert_allclose(block.g_factor.numpy(), 2 * scale * np.eye(d_out), rtol=1e-6)
+    assert block.positions.numpy() == tokens
+
+    # Exact Fisher of the mean loss: F = 1/N sum_n J_n^T (2 s I) J_n, J_n = d f_n / d vec(W).
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    jac_kernel = tape.jacobian(outputs, layer.kernel).numpy().reshape(n, tokens * d_out, -1)
+    jac_bias = tape.jacobian(outputs, layer.bias).numpy().reshape(n, tokens * d_out, -1)
+    jac = np.concatenate([jac_kernel, jac_bias], axis=2)  # row-major vec of [kernel; bias]
+    fisher = np.einsum("npi,npj->ij", jac, jac) * 2 * scale / n
+    kronecker = block.positions.numpy() * np.kron(block.a_factor.numpy(), block.g_factor.numpy())
+    np.testing.assert_allclose(kronecker, fisher, rtol=1e-5, atol=1e-7)
+
+
+def two_layer_model(d_in=3, hidden=4, d_out=2):
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((d_in,))
+    hidden_layer = keras.layers.Dense(hidden, activation="tanh")
+    outputs = keras.layers.Dense(d_out)(hidden_layer(inputs))
+    return keras.Model(inputs, outputs), hidden_layer
+
+
+def test_hidden_layer_fisher_of_one_example_is_kronecker():
+    """For one example the hidden layer's Fisher is exactly a a^T kron E[g g^T]."""
+    model, hidden = two_layer_model()
+    x = np.random.default_rng(3).normal(size=(1, 3)).astype("float32")
+    optimizer = exact_kfac().register(model)
+    curvature_step(model, optimizer, x, apply=False)
+    block = optimizer.blocks[0]
+    assert block.layer is hidden
+
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    jac = np.concatenate([tape.jacobian(outputs, hidden.kernel).numpy().reshape(2, -1),
+                          tape.jacobian(outputs, hidden.bias).numpy().reshape(2, -1)], axis=1)
+    fisher = jac.T @ jac * 2 * (1.0 / 2)  # s = 1/D, D = 2
+    kronecker = np.kron(block.a_factor.numpy(), block.g_factor.numpy())
+    np.testing.assert_allclose(kronecker, fisher, rtol=1e-4, atol=1e-7)
+
+
+def test_mc_estimate_of_g_converges_to_the_exact_factor():
+    model, _ = two_layer_model(d_out=3)
+    x = np.random.default_rng(4).normal(size=(16, 3)).astype("float32")
+    exact = exact_kfac().register(model)
+    curvature_step(model, exact, x, apply=False)
+    g_exact = exact.blocks[0].g_factor.numpy()
+
+    errors = {}
+    for samples in (4, 64):
+        trials = []
+        for seed in range(3):
+            mc = exact_kfac(fisher="mc", mc_samples=samples, seed=seed).register(model)
+            curvature_step(model, mc, x, apply=False)
+            g_mc = mc.blocks[0].g_factor.numpy()
+            trials.append(np.linalg.norm(g_mc - g_exact) / np.linalg.norm(g_exact))
+        errors[samples] = np.mean(trials)
+    # 16x the samples: ~4x smaller error (1/sqrt(M)); allow generous slack.
+    assert errors[64] < errors[4] / 2.0, errors
+    assert errors[64] < 0.25, errors
+
+
+# -- the fast preconditioner against a dense solve -------------------------------------
+def random_spd(rng, size):
+    m = rng.normal(size=(size, size))
+    return (m @ m.T / size + 0.1 * np.eye(size)).astype("float32")
+
+
+@pytest.mark.parametrize("damping_mode,inverse_method",
+                         [("pi", "eigh"), ("eigen", "eigh"), ("pi", "cholesky")])
+def test_preconditioner_matches_dense_damped_solve(damping_mode, inverse_method):
+    rng = np.random.default_rng(5)
+    d_in, d_out, positions, damping = 3, 3, 5.0, 0.1
+    layer = keras.layers.Dense(d_out)
+    layer.build((None, d_in))
+    block = DenseBlock(layer, damping_mode, inverse_method)
+    block.create_state(KFAC())
+    a, g = random_spd(rng, d_in + 1), random_spd(rng, d_out)
+    block.a_factor.assign(a)
+    block.g_factor.assign(g)
+    block.positions.assign(positions)
+    assert bool(block.update_inverse(tf.constant(damping), tf.constant(1.0)))
+
+    kernel_grad = rng.normal(size=(d_in, d_out)).astype("float32")
+    bias_grad = rng.normal(size=d_out).astype("float32")
+    update = block.precondition([kernel_grad, bias_grad], tf.constant(damping), 1.0)
+    update = np.concatenate([update[0].numpy(), update[1].numpy()[None]])
+
+    grad = np.concatenate([kernel_grad, bias_grad[None]]).astype(np.float64).reshape(-1)
+    a, g = a.astype(np.float64), g.astype(np.float64)
+    if damping_mode == "pi":
+        pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+        root = np.sqrt(damping / positions)
+        matrix = positions * np.kron(a + pi * root * np.eye(d_in + 1),
+                                     g + root / pi * np.eye(d_out))
+    else:
+        matrix = positions * np.kron(a, g) + damping * np.eye((d_in + 1) * d_out)
+    expected = np.linalg.solve(matrix, grad).reshape(d_in + 1, d_out)
+    np.testing.assert_allclose(update, expected, rtol=2e-4, atol=1e-6)
+
+
+# -- Conv2D patches against an explicit im2col --------------------------------------------
+def numpy_patches(x, kernel_size, stride, dilation, padding):
+    """im2col rows in (k_h, k_w, C_in) order, with TensorFlow's SAME padding rule."""
+    n, height, width, channels = x.shape
+    span = (kernel_size - 1) * dilation + 1
+    pads = []
+    for size in (height, width):
+        if padding == "same":
+            out = -(-size // stride)
+            total = max((out - 1) * stride + span - size, 0)
+            pads.append((total // 2, total - total // 2))
+        else:
+            pads.append((0, 0))
+    padded = np.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+    out_h = (padded.shape[1] - span) // stride + 1
+    out_w = (padded.shape[2] - span) // stride + 1
+    rows = np.zeros((n, out_h, out_w, kernel_size, kernel_size, channels), x.dtype)
+    for i, j in itertools.product(range(out_h), range(out_w)):
+        for ki, kj in itertools.product(range(kernel_size), range(kernel_size)):
+            rows[:, i, j, ki, kj] = padded[:, i * stride + ki * dilation,
+                                           j * stride + kj * dilation]
+    return rows.reshape(n * out_h * out_w, -1), out_h * out_w
+
+
+CONV_CASES = [
+    (k, s, d, p)
+    for k, s, d, p in itertools.product((1, 3), (1, 2), (1, 2), ("same", "valid"))
+    if not (s > 1 and d > 1)  # Keras forbids strides > 1 with dilation_rate > 1
+]
+
+
+@pytest.mark.parametrize("kernel_size,stride,dilation,padding", CONV_CASES)
+def test_conv_factors_match_explicit_im2col(kernel_size, stride, dilation, padding):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 7, 6, 3)).astype("float32")
+    inputs = keras.Input((7, 6, 3))
+    conv = keras.layers.Conv2D(4, kernel_size, strides=stride, dilation_rate=dilation,
+                               padding=padding, bias_initializer="random_normal")
+    model = keras.Model(inputs, conv(inputs))
+    optimizer = exact_kfac().register(model)
+    captured = curvature_step(model, optimizer, x, apply=False)
+    (block,) = optimizer.blocks
+
+    patches, positions = numpy_patches(x, kernel_size, stride, dilation, padding)
+    # The patch order is the kernel's: patches @ kernel + bias reproduces the layer.
+    conv_out = patches @ conv.kernel.numpy().reshape(-1, 4) + conv.bias.numpy()
+    np.testing.assert_allclose(conv_out, captured[0].outputs.numpy().reshape(-1, 4), atol=1e-5)
+    a = with_bias_column(patches)
+    np.testing.assert_allclose(block.a_factor.numpy(), a.T @ a / a.shape[0], rtol=1e-5,
+                               atol=1e-6)
+    assert block.positions.numpy() == positions
+    # Exact probes over the D = positions * 4 outputs with s = 1/D: G = 2 s I.
+    np.testing.assert_allclose(block.g_factor.numpy(), 2 / (positions * 4) * np.eye(4),
+                               rtol=1e-5)
+
+
+def test_unsupported_conv_configurations_raise_clear_errors():
+    grouped = keras.layers.Conv2D(4, 3, groups=2)
+    grouped.build((None, 6, 6, 4))
+    with pytest.raises(NotImplementedError, match="grouped"):
+        Conv2DBlock(grouped)
+    channels_first = keras.layers.Conv2D(4, 3, data_format="channels_first")
+    channels_first.build((None, 3, 6, 6))
+    with pytest.raises(NotImplementedError, match="channels_last"):
+        Conv2DBlock(channels_first)
+    with pytest.raises(ValueError, match="grouped"):
+        find_registrable_layers([grouped])
+    assert find_registrable_layers([grouped], skip_unsupported=True) == []
+    with pytest.raises(ValueError, match="dilation_rate"):
+        keras.layers.Conv2D(4, 3, strides=2, dilation_rate=2)  # Keras' own check
+
+    class MyDense(keras.layers.Dense):
+        pass
+
+    custom = MyDense(2)
+    custom.build((None, 3))
+    assert find_registrable_layers([custom]) == []  # subclasses may override call
+    with pytest.raises(NotImplementedError, match="expected a Dense"):
+        DenseBlock(custom)
+
+
+# -- GroupNorm ---------------------------------------------------------------------------
+def test_group_norm_diagonal_matches_numpy_per_example_gradients():
+    rng = np.random.default_rng(7)
+    n, size, channels, d_out = 4, 3, 6, 2
+    x = rng.normal(size=(n, size, size, channels)).astype("float32") * 2 + 1
+    inputs = keras.Input((size, size, channels))
+    norm = keras.layers.GroupNormalization(groups=3, epsilon=1e-5,
+                                           gamma_initializer="random_normal",
+                                           beta_initializer="random_normal")
+    keras.utils.set_random_seed(8)
+    head = keras.layers.Dense(d_out)
+    model = keras.Model(inputs, head(keras.layers.Flatten()(norm(inputs))))
+    optimizer = exact_kfac().register(model)
+    curvature_step(model, optimizer, x, apply=False)
+    block = next(b for b in optimizer.blocks if isinstance(b, GroupNormBlock))
+
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    scale = 1.0 / d_out
+    for variable, fisher in zip((norm.gamma, norm.beta), block.fisher_diagonals, strict=True):
+        jac = tape.jacobian(outputs, variable).numpy()  # [N, D, C]: per-example gradients
+        expected = 2 * scale * np.sum(jac ** 2, axis=(0, 1)) / n
+        np.testing.assert_allclose(fisher.numpy(), expected, rtol=1e-4, atol=1e-7)
+
+    update = block.precondition([tf.ones(channels), tf.ones(channels)], 0.5, 1.0)
+    np.testing.assert_allclose(update[0].numpy(),
+                               1 / (block.fisher_diagonals[0].numpy() + 0.5), rtol=1e-6)
+
+
+# -- the other likelihoods -----------------------------------------------------------------
+def single_dense(d_in=3, d_out=4, seed=9):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((d_in,))
+    layer = keras.layers.Dense(d_out, kernel_initializer="random_normal")
+    return keras.Model(inputs, layer(inputs))
+
+
+def test_exact_categorical_g_is_the_softmax_hessian():
+    model = single_dense()
+    x = np.random.default_rng(10).normal(size=(8, 3)).astype("float32")
+    optimizer = exact_kfac().register(model)
+    curvature_step(model, optimizer, x, likelihood="categorical", apply=False)
+    p = tf.nn.softmax(model(x)).numpy().astype(np.float64)
+    hessian = np.mean([np.diag(q) - np.outer(q, q) for q in p], axis=0)  # s_n = 1
+    np.testing.assert_allclose(optimizer.blocks[0].g_factor.numpy(), hessian, rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_mc_categorical_g_is_unbiased():
+    model = single_dense()
+    x = np.random.default_rng(11).normal(size=(8, 3)).astype("float32")
+    optimizer = exact_kfac(fisher="mc", mc_samples=300).register(model)
+    curvature_step(model, optimizer, x, likelihood="categorical", apply=False)
+    p = tf.nn.softmax(model(x)).numpy().astype(np.float64)
+    hessian = np.mean([np.diag(q) - np.outer(q, q) for q in p], axis=0)
+    np.testing.assert_allclose(optimizer.blocks[0].g_factor.numpy(), hessian, atol=0.02)
+
+
+def test_empirical_g_uses_the_real_per_example_gradients():
+    model = single_dense()
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    y = rng.normal(size=(8, 4)).astype("float32")
+    optimizer = exact_kfac(fisher="empirical").register(model)
+    with tf.GradientTape(persistent=True) as tape:
+        with optimizer.capture() as captured:
+            outputs = model(x)
+        loss = tf.reduce_mean(tf.reduce_mean(tf.square(outputs - y), axis=-1))
+    optimizer.update_curvature(tape, captured, outputs, loss=loss)
+    residual = 2.0 / 4 * (outputs.numpy() - y)  # d l_n / d f_n with l_n = mean_d (f - y)^2
+    np.testing.assert_allclose(optimizer.blocks[0].g_factor.numpy(), residual.T @ residual / 8,
+                               rtol=1e-5, atol=1e-7)

@@ -1,0 +1,26 @@
+"""Natural-gradient optimizers: K-FAC as a Keras optimizer (see docs/kfac.md).
+
+* :mod:`~tfngd.optimizers.curvature_blocks`: the Fisher block of each layer kind;
+* :mod:`~tfngd.optimizers.capture`: which layers are registered, and the
+  forward-pass capture of their inputs and pre-activations;
+* :mod:`~tfngd.optimizers.kfac`: the ``KFAC`` optimizer (statistics, damping,
+  inverses, update rule);
+* :mod:`~tfngd.optimizers.training`: ``NaturalGradientModel``, whose
+  ``train_step`` drives the curvature updates in ``model.fit``.
+"""
+
+from tfngd.optimizers.capture import LayerCall, capture_layer_calls, find_registrable_layers
+from tfngd.optimizers.curvature_blocks import Conv2DBlock, DenseBlock, GroupNormBlock
+from tfngd.optimizers.kfac import KFAC
+from tfngd.optimizers.training import NaturalGradientModel
+
+__all__ = [
+    "KFAC",
+    "Conv2DBlock",
+    "DenseBlock",
+    "GroupNormBlock",
+    "LayerCall",
+    "NaturalGradientModel",
+    "capture_layer_calls",
+    "find_registrable_layers",
+]

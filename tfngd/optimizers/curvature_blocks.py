@@ -1,0 +1,503 @@
+"""Curvature blocks: what Fisher approximation each kind of layer gets (one class per kind).
+
+A block owns the curvature state of one layer (running factors, their
+eigendecompositions or damped inverses) and answers three questions with the
+same small interface, in the spirit of kfac-jax's ``curvature_blocks``:
+
+* :meth:`CurvatureBlock.batch_statistics` / :meth:`accumulate_statistics`
+  (or both at once, :meth:`update_statistics`): fold one minibatch of captured
+  layer inputs and per-example output gradients into the running factors;
+* :meth:`update_inverse`: refresh the cached decomposition (every ``T`` steps);
+* :meth:`precondition`: multiply the layer's gradients by the damped inverse
+  Fisher block.
+
+Notation (docs/kfac.md): ``N`` examples, ``R`` positions sharing the weights
+(1 for a Dense layer on ``[N, d]``, the number of tokens for a Dense layer on
+``[N, ..., d]``, ``H_out * W_out`` for a Conv2D), ``a_bar`` the layer input (an
+image patch for a convolution) with a 1 appended when the layer has a bias,
+``g`` the gradient of the per-example loss with respect to the layer's
+pre-activation output, at a sampled target (one "probe"; the probes are
+pre-scaled so that their sum over probes estimates the output Hessian).
+
+Kronecker-factored blocks (Martens & Grosse 2015, "Optimizing Neural Networks
+with Kronecker-factored Approximate Curvature"; Grosse & Martens 2016, "A
+Kronecker-factored approximate Fisher matrix for convolution layers", the
+"K-FAC-expand" convention)::
+
+    A = 1/(N R) sum_{n,r} a_bar a_bar^T         G = 1/(N R) sum_probes sum_{n,r} g g^T
+    F_layer ~= R (A kron G)         acting on the row-major vec of W = [kernel; bias]
+
+Damping (``lambda``), two modes:
+
+* ``"pi"``: ``(F + lambda I)^-1 ~= R^-1 (A + pi sqrt(l') I)^-1 kron (G + sqrt(l')/pi I)^-1``
+  with ``l' = lambda / R`` and ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, so
+  ``U = (A + pi sqrt(l') I)^-1 dW (G + sqrt(l')/pi I)^-1 / R``;
+* ``"eigen"``: exact damping of the Kronecker product in its eigenbasis,
+  ``U = Q_A [(Q_A^T dW Q_G) / (R l_A l_G^T + lambda)] Q_G^T``.
+
+Both modes decompose the factors with ``tf.linalg.eigh`` (symmetrised,
+eigenvalues clipped at 0; see :func:`symmetric_eigh` for the fallback). The
+pi mode can instead invert the damped factors by Cholesky
+(``inverse_method="cholesky"``): XLA lowers ``eigh`` to a slow Jacobi
+iteration but Cholesky to LAPACK/cuSOLVER-speed code (docs/kfac.md).
+
+Diagonal "scale-and-shift" block for GroupNormalization's ``gamma``/``beta``
+(per channel, ``x_hat`` the normalised input, ``dy`` the output gradient)::
+
+    F_gamma = 1/N sum_probes sum_n (sum_hw x_hat dy)^2
+    F_beta  = 1/N sum_probes sum_n (sum_hw dy)^2
+    U = dW / (F + lambda)
+
+All statistics are accumulated in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+DAMPING_MODES = ("pi", "eigen")
+INVERSE_METHODS = ("eigh", "cholesky")
+# Relative jitter (times the largest diagonal entry) added before a Cholesky factorisation, so
+# that float32 rounding can never make a PSD factor plus damping look indefinite.
+_CHOLESKY_JITTER = 1e-6
+_TINY = 1e-30
+
+
+def _float32(x):
+    return tf.cast(x, tf.float32)
+
+
+def _all_finite(tensors) -> tf.Tensor:
+    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+def symmetric_eigh(matrix):
+    """Eigendecomposition of a PSD factor that never raises.
+
+    Symmetrises and decomposes in float32; eigenvalues are clipped at 0. If
+    the decomposition is not finite although the factor is, it falls back to
+    the factor's diagonal (``Q = I``, ``l = diag``: a cheap PSD approximation,
+    rather than a second, float64 solver that would double the XLA compile
+    time). Returns ``(eigenvalues, eigenvectors, ok, fell_back)``; ``ok`` is
+    False only for a non-finite factor, whose placeholders must not be used
+    (the caller keeps its previous cache).
+    """
+    matrix = _float32(matrix)
+    symmetric = 0.5 * (matrix + tf.transpose(matrix))
+    ok = _all_finite([symmetric])
+    identity = tf.eye(tf.shape(symmetric)[0], dtype=tf.float32)
+    symmetric = tf.where(ok, symmetric, identity)
+    values, vectors = tf.linalg.eigh(symmetric)
+    fell_back = tf.logical_and(ok, tf.logical_not(_all_finite([values, vectors])))
+    values = tf.where(fell_back, tf.linalg.diag_part(symmetric), values)
+    vectors = tf.where(fell_back, identity, vectors)
+    return tf.maximum(values, 0.0), vectors, ok, fell_back
+
+
+def damped_cholesky_inverse(matrix, shift):
+    """``(sym(M) + (shift + jitter) I)^-1`` by Cholesky, and whether it is finite.
+
+    The jitter (``1e-6`` times the largest diagonal entry) keeps the
+    factorisation from failing on rounding errors (TensorFlow's CPU kernel
+    raises on an indefinite input, XLA returns NaN).
+    """
+    matrix = _float32(matrix)
+    symmetric = 0.5 * (matrix + tf.transpose(matrix))
+    identity = tf.eye(tf.shape(symmetric)[0], dtype=tf.float32)
+    jitter = _CHOLESKY_JITTER * tf.maximum(tf.reduce_max(tf.linalg.diag_part(symmetric)), _TINY)
+    damped = symmetric + (shift + jitter) * identity
+    ok = _all_finite([damped])
+    inverse = tf.linalg.cholesky_solve(tf.linalg.cholesky(tf.where(ok, damped, identity)),
+                                       identity)
+    return inverse, tf.logical_and(ok, _all_finite([inverse]))
+
+
+def pi_split(a_factor, g_factor):
+    """``pi = sqrt((tr A / dim A) / (tr G / dim G))``; 1 when either trace vanishes."""
+    a_mean = tf.linalg.trace(a_factor) / tf.cast(tf.shape(a_factor)[0], tf.float32)
+    g_mean = tf.linalg.trace(g_factor) / tf.cast(tf.shape(g_factor)[0], tf.float32)
+    usable = tf.logical_and(a_mean > _TINY, g_mean > _TINY)
+    ratio = tf.where(usable, a_mean, 1.0) / tf.where(usable, g_mean, 1.0)
+    return tf.sqrt(ratio)
+
+
+def validate_modes(damping_mode: str, inverse_method: str) -> None:
+    """Raise a ``ValueError`` for an unknown or incompatible damping mode / inverse method."""
+    if damping_mode not in DAMPING_MODES:
+        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+    if inverse_method not in INVERSE_METHODS:
+        raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, "
+                         f"got {inverse_method!r}")
+    if inverse_method == "cholesky" and damping_mode != "pi":
+        raise ValueError("inverse_method='cholesky' needs damping_mode='pi' (the eigen mode "
+                         "damps in the eigenbasis)")
+
+
+def _state_name(layer, suffix: str) -> str:
+    return f"{layer.path.replace('/', '_')}_kfac_{suffix}"
+
+
+class CurvatureBlock:
+    """The curvature of one layer's trainable variables.
+
+    Subclasses set ``variables`` (the model variables the block
+    preconditions, in a fixed order) in ``__init__`` and implement the
+    statistics, inverse and preconditioning methods below.
+    """
+
+    #: The exact Keras layer class the block models.
+    layer_type: type = keras.layers.Layer
+
+    def __init__(self, layer, damping_mode: str = "pi", inverse_method: str = "eigh"):
+        reason = self.unsupported_reason(layer)
+        if reason is not None:
+            raise NotImplementedError(f"{type(self).__name__} cannot model layer "
+                                      f"'{layer.path}': {reason}")
+        validate_modes(damping_mode, inverse_method)
+        self.layer = layer
+        self.damping_mode = damping_mode
+        self.inverse_method = inverse_method
+        self.variables: list = []
+
+    @classmethod
+    def unsupported_reason(cls, layer) -> str | None:
+        """Why this block cannot model ``layer`` (None when it can)."""
+        if type(layer) is not cls.layer_type:
+            return f"expected a {cls.layer_type.__name__}, got {type(layer).__name__}"
+        if getattr(layer, "quantization_mode", None) is not None:
+            return "quantized layers are not supported"
+        if getattr(layer, "lora_enabled", False):
+            return "LoRA-enabled layers are not supported"
+        return None
+
+    @property
+    def name(self) -> str:
+        return self.layer.path
+
+    # -- interface -----------------------------------------------------------
+    def create_state(self, optimizer) -> None:
+        raise NotImplementedError
+
+    def batch_statistics(self, inputs: Sequence, output_gradients: Sequence[Sequence]) -> list:
+        """Minibatch statistics from the layer's calls in one forward pass.
+
+        Args:
+          inputs: the layer input of each call.
+          output_gradients: for each call, the list (over probes) of
+            per-example gradients with respect to that call's pre-activation
+            output (not divided by ``N``).
+        """
+        raise NotImplementedError
+
+    def accumulate_statistics(self, statistics: Sequence, decay) -> None:
+        """``running <- decay * running + (1 - decay) * batch`` for each statistic."""
+        for running, batch in zip(self.running_statistics, statistics, strict=True):
+            running.assign(decay * running + (1.0 - decay) * batch)
+
+    def update_statistics(self, inputs, output_gradients, decay) -> None:
+        self.accumulate_statistics(self.batch_statistics(inputs, output_gradients), decay)
+
+    @property
+    def running_statistics(self) -> list:
+        """The optimizer variables holding the running (uncorrected) statistics."""
+        raise NotImplementedError
+
+    def update_inverse(self, damping, correction) -> tf.Tensor:
+        """Refresh the cached decomposition; returns whether it succeeded.
+
+        ``correction`` is the EMA bias correction ``1 / (1 - decay^k)``.
+        """
+        raise NotImplementedError
+
+    def precondition(self, gradients: Sequence, damping, correction) -> list:
+        """Damped inverse Fisher block times the gradients (same order as ``variables``)."""
+        raise NotImplementedError
+
+    def diagnostics(self) -> dict:
+        """Scalars describing the curvature from the last inverse refresh."""
+        raise NotImplementedError
+
+
+class KroneckerFactoredBlock(CurvatureBlock):
+    """Shared machinery of the Dense and Conv2D blocks: ``F ~= R (A kron G)``.
+
+    Subclasses define the rows of ``a`` (``_input_rows``) and the shape of the
+    kernel as a ``[d_in, d_out]`` matrix.
+    """
+
+    def __init__(self, layer, damping_mode: str = "pi", inverse_method: str = "eigh"):
+        super().__init__(layer, damping_mode, inverse_method)
+        self.has_bias = layer.bias is not None
+        self.variables = [layer.kernel] + ([layer.bias] if self.has_bias else [])
+        kernel_shape = tuple(layer.kernel.shape)
+        self.output_dim = int(kernel_shape[-1])
+        self.kernel_rows = 1
+        for size in kernel_shape[:-1]:
+            self.kernel_rows *= int(size)
+        self.input_dim = self.kernel_rows + int(self.has_bias)
+
+    def _input_rows(self, inputs) -> tf.Tensor:
+        """``[N * R, kernel_rows]`` float32 rows ``a`` (image patches for a convolution)."""
+        raise NotImplementedError
+
+    def create_state(self, optimizer) -> None:
+        def add(shape, suffix, initializer="zeros"):
+            return optimizer.add_variable(shape, initializer=initializer, dtype="float32",
+                                          name=_state_name(self.layer, suffix))
+
+        d_a, d_g = self.input_dim, self.output_dim
+        self.a_factor = add((d_a, d_a), "A")
+        self.g_factor = add((d_g, d_g), "G")
+        self.positions = add((), "positions", "ones")
+        if self.damping_mode == "pi":
+            self.a_inverse = add((d_a, d_a), "A_inverse")
+            self.g_inverse = add((d_g, d_g), "G_inverse")
+        else:
+            self.a_eigenvectors = add((d_a, d_a), "A_eigenvectors")
+            self.a_eigenvalues = add((d_a,), "A_eigenvalues")
+            self.g_eigenvectors = add((d_g, d_g), "G_eigenvectors")
+            self.g_eigenvalues = add((d_g,), "G_eigenvalues")
+        # eigh: A min, A max, G min, G max eigenvalues; cholesky: A, G mean eigenvalue and pi.
+        self.spectrum = add((4,), "spectrum")
+        self.decomposition_fallbacks = optimizer.add_variable(
+            (), dtype="int64", name=_state_name(self.layer, "decomposition_fallbacks"))
+
+    @property
+    def running_statistics(self) -> list:
+        return [self.a_factor, self.g_factor, self.positions]
+
+    def accumulate_statistics(self, statistics, decay) -> None:
+        a_batch, g_batch, positions = statistics
+        self.a_factor.assign(decay * self.a_factor + (1.0 - decay) * a_batch)
+        self.g_factor.assign(decay * self.g_factor + (1.0 - decay) * g_batch)
+        self.positions.assign(positions)  # a shape property, not averaged
+
+    def batch_statistics(self, inputs, output_gradients) -> list:
+        a_sum = tf.zeros((self.input_dim, self.input_dim), tf.float32)
+        g_sum = tf.zeros((self.output_dim, self.output_dim), tf.float32)
+        rows = tf.constant(0.0)
+        examples = tf.constant(0.0)
+        for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
+            a = self._input_rows(call_inputs)
+            if self.has_bias:
+                a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
+            a_sum += tf.matmul(a, a, transpose_a=True)
+            for g in probe_gradients:
+                g = tf.reshape(_float32(g), (-1, self.output_dim))
+                g_sum += tf.matmul(g, g, transpose_a=True)
+            rows += tf.cast(tf.shape(a)[0], tf.float32)
+            examples += tf.cast(tf.shape(call_inputs)[0], tf.float32)
+        rows = tf.maximum(rows, 1.0)
+        return [a_sum / rows, g_sum / rows, rows / tf.maximum(examples, 1.0)]
+
+    # -- inverse ---------------------------------------------------------------
+    def update_inverse(self, damping, correction) -> tf.Tensor:
+        if self.inverse_method == "cholesky":
+            return self._update_cholesky_inverses(damping, correction)
+        a_values, a_vectors, a_ok, a_fell_back = symmetric_eigh(self.a_factor * correction)
+        g_values, g_vectors, g_ok, g_fell_back = symmetric_eigh(self.g_factor * correction)
+        ok = tf.logical_and(a_ok, g_ok)
+        self.decomposition_fallbacks.assign_add(
+            tf.cast(a_fell_back, tf.int64) + tf.cast(g_fell_back, tf.int64))
+        if self.damping_mode == "pi":
+            pi = pi_split(self.a_factor, self.g_factor)
+            root = tf.sqrt(damping / self.positions)
+            a_inverse = tf.matmul(a_vectors / (a_values + pi * root), a_vectors, transpose_b=True)
+            g_inverse = tf.matmul(g_vectors / (g_values + root / pi), g_vectors, transpose_b=True)
+            ok = tf.logical_and(ok, _all_finite([a_inverse, g_inverse]))
+            new_state = [(self.a_inverse, a_inverse), (self.g_inverse, g_inverse)]
+        else:
+            new_state = [(self.a_eigenvectors, a_vectors), (self.a_eigenvalues, a_values),
+                         (self.g_eigenvectors, g_vectors), (self.g_eigenvalues, g_values)]
+        extremes = tf.stack([tf.reduce_min(a_values), tf.reduce_max(a_values),
+                             tf.reduce_min(g_values), tf.reduce_max(g_values)])
+        new_state.append((self.spectrum, extremes))
+        return self._assign_if(ok, new_state)
+
+    def _update_cholesky_inverses(self, damping, correction) -> tf.Tensor:
+        a_factor, g_factor = self.a_factor * correction, self.g_factor * correction
+        pi = pi_split(a_factor, g_factor)
+        root = tf.sqrt(damping / self.positions)
+        a_inverse, a_ok = damped_cholesky_inverse(a_factor, pi * root)
+        g_inverse, g_ok = damped_cholesky_inverse(g_factor, root / pi)
+        mean_eigenvalues = [tf.linalg.trace(f) / tf.cast(tf.shape(f)[0], tf.float32)
+                            for f in (a_factor, g_factor)]
+        return self._assign_if(tf.logical_and(a_ok, g_ok), [
+            (self.a_inverse, a_inverse), (self.g_inverse, g_inverse),
+            (self.spectrum, tf.stack([*mean_eigenvalues, pi, 0.0]))])
+
+    @staticmethod
+    def _assign_if(ok, new_state) -> tf.Tensor:
+        """Assign the new cache only when it is valid (the previous one is kept otherwise)."""
+        for variable, value in new_state:
+            variable.assign(tf.where(ok, value, variable))
+        return ok
+
+    # -- preconditioning -----------------------------------------------------
+    def _gradient_matrix(self, gradients) -> tf.Tensor:
+        """``dW = [kernel gradient as [d_in, d_out]; bias gradient]``."""
+        kernel_grad = tf.reshape(_float32(gradients[0]), (self.kernel_rows, self.output_dim))
+        if not self.has_bias:
+            return kernel_grad
+        return tf.concat([kernel_grad, _float32(gradients[1])[None, :]], axis=0)
+
+    def _split(self, matrix) -> list:
+        kernel = tf.reshape(matrix[: self.kernel_rows], self.variables[0].shape)
+        if not self.has_bias:
+            return [kernel]
+        return [kernel, matrix[self.kernel_rows]]
+
+    def precondition(self, gradients, damping, correction) -> list:
+        grad = self._gradient_matrix(gradients)
+        if self.damping_mode == "pi":
+            update = self.a_inverse @ grad @ self.g_inverse / self.positions
+        else:
+            q_a, q_g = self.a_eigenvectors, self.g_eigenvectors
+            rotated = tf.matmul(q_a, grad, transpose_a=True) @ q_g
+            scale = self.positions * self.a_eigenvalues[:, None] * self.g_eigenvalues[None, :]
+            update = q_a @ tf.matmul(rotated / (scale + damping), q_g, transpose_b=True)
+        return self._split(update)
+
+    def diagnostics(self) -> dict:
+        names = (("A_mean_eig", "G_mean_eig", "pi") if self.inverse_method == "cholesky"
+                 else ("A_eig_min", "A_eig_max", "G_eig_min", "G_eig_max"))
+        result = {name: self.spectrum[i] for i, name in enumerate(names)}
+        result["decomposition_fallbacks"] = self.decomposition_fallbacks
+        return result
+
+
+class DenseBlock(KroneckerFactoredBlock):
+    """A ``keras.layers.Dense`` on ``[N, ..., d_in]``: the middle axes are positions ``R``."""
+
+    layer_type = keras.layers.Dense
+
+    def _input_rows(self, inputs):
+        return tf.reshape(_float32(inputs), (-1, self.kernel_rows))
+
+
+class Conv2DBlock(KroneckerFactoredBlock):
+    """A channels-last ``keras.layers.Conv2D`` (any padding, stride or dilation Keras allows).
+
+    ``a`` rows are the ``k_h * k_w * C_in`` image patches, in the order of
+    ``kernel.reshape(-1, C_out)``, extracted with ``tf.image.extract_patches``
+    (whose ``SAME`` padding and ``rates`` match ``tf.nn.convolution``'s; the
+    tests check patches @ kernel == conv output). ``R = H_out * W_out``.
+    """
+
+    layer_type = keras.layers.Conv2D
+
+    @classmethod
+    def unsupported_reason(cls, layer):
+        reason = super().unsupported_reason(layer)
+        if reason is not None:
+            return reason
+        if layer.data_format != "channels_last":
+            return "only data_format='channels_last' is supported"
+        if layer.groups != 1:
+            return f"grouped convolutions (groups={layer.groups}) are not supported"
+        if layer.padding not in ("same", "valid"):
+            return f"padding={layer.padding!r} is not supported"
+        return None
+
+    def _input_rows(self, inputs):
+        kernel_h, kernel_w = self.layer.kernel_size
+        patches = tf.image.extract_patches(
+            _float32(inputs),
+            sizes=[1, kernel_h, kernel_w, 1],
+            strides=[1, *self.layer.strides, 1],
+            rates=[1, *self.layer.dilation_rate, 1],
+            padding=self.layer.padding.upper(),
+        )
+        return tf.reshape(patches, (-1, self.kernel_rows))
+
+
+class GroupNormBlock(CurvatureBlock):
+    """Diagonal scale-and-shift Fisher of ``keras.layers.GroupNormalization`` (channels last)."""
+
+    layer_type = keras.layers.GroupNormalization
+
+    @classmethod
+    def unsupported_reason(cls, layer):
+        reason = super().unsupported_reason(layer)
+        if reason is not None:
+            return reason
+        spec = getattr(layer, "input_spec", None)
+        last_axis = spec.ndim - 1 if spec is not None and spec.ndim else -1
+        if layer.axis not in (-1, last_axis):
+            return f"only the last (channels) axis can be normalised (axis={layer.axis})"
+        if not (layer.scale or layer.center):
+            return "the layer has neither gamma nor beta"
+        return None
+
+    def __init__(self, layer, damping_mode: str = "pi", inverse_method: str = "eigh"):
+        super().__init__(layer, damping_mode, inverse_method)
+        self.variables = ([layer.gamma] if layer.scale else []) + (
+            [layer.beta] if layer.center else [])
+        self.channels = int(self.variables[0].shape[0])
+
+    def create_state(self, optimizer) -> None:
+        self.fisher_diagonals = [
+            optimizer.add_variable((self.channels,), dtype="float32",
+                                   name=_state_name(self.layer, f"{v.name}_fisher"))
+            for v in self.variables
+        ]
+        self.spectrum = optimizer.add_variable((2,), dtype="float32",
+                                               name=_state_name(self.layer, "fisher_extremes"))
+
+    @property
+    def running_statistics(self) -> list:
+        return self.fisher_diagonals
+
+    def normalized_inputs(self, inputs) -> tf.Tensor:
+        """``x_hat`` as ``[N, P, C]`` (P = positions), in float32."""
+        x = _float32(inputs)
+        groups = self.layer.groups
+        grouped = tf.reshape(x, (tf.shape(x)[0], -1, groups, self.channels // groups))
+        mean, variance = tf.nn.moments(grouped, axes=[1, 3], keepdims=True)
+        x_hat = (grouped - mean) * tf.math.rsqrt(variance + self.layer.epsilon)
+        return tf.reshape(x_hat, (tf.shape(x)[0], -1, self.channels))
+
+    def batch_statistics(self, inputs, output_gradients) -> list:
+        sums = [tf.zeros((self.channels,), tf.float32) for _ in self.variables]
+        examples = tf.constant(0.0)
+        for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
+            x_hat = self.normalized_inputs(call_inputs)
+            for dy in probe_gradients:
+                dy = tf.reshape(_float32(dy), tf.shape(x_hat))
+                per_example = []
+                if self.layer.scale:
+                    per_example.append(tf.reduce_sum(x_hat * dy, axis=1))  # gamma
+                if self.layer.center:
+                    per_example.append(tf.reduce_sum(dy, axis=1))  # beta
+                sums = [s + tf.reduce_sum(tf.square(p), axis=0)
+                        for s, p in zip(sums, per_example, strict=True)]
+            examples += tf.cast(tf.shape(call_inputs)[0], tf.float32)
+        return [s / tf.maximum(examples, 1.0) for s in sums]
+
+    def update_inverse(self, damping, correction) -> tf.Tensor:
+        diagonal = tf.concat([f * correction for f in self.fisher_diagonals], axis=0)
+        self.spectrum.assign(tf.stack([tf.reduce_min(diagonal), tf.reduce_max(diagonal)]))
+        return tf.constant(True)  # nothing to decompose: the diagonal is used as is
+
+    def precondition(self, gradients, damping, correction) -> list:
+        return [_float32(g) / (f * correction + damping)
+                for g, f in zip(gradients, self.fisher_diagonals, strict=True)]
+
+    def diagnostics(self) -> dict:
+        return {"fisher_min": self.spectrum[0], "fisher_max": self.spectrum[1]}
+
+
+BLOCK_TYPES: dict[type, type[CurvatureBlock]] = {
+    keras.layers.Dense: DenseBlock,
+    keras.layers.Conv2D: Conv2DBlock,
+    keras.layers.GroupNormalization: GroupNormBlock,
+}
+
+
+def block_type_for(layer) -> type[CurvatureBlock] | None:
+    """The block class for ``layer``'s exact type (subclasses may override ``call``: None)."""
+    return BLOCK_TYPES.get(type(layer))

@@ -1,0 +1,657 @@
+"""``KFAC``: Kronecker-factored natural gradient as a ``keras.optimizers.Optimizer``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import keras
+import tensorflow as tf
+from keras.optimizers.schedules import LearningRateSchedule
+
+from tfngd.optimizers.capture import capture_layer_calls, find_registrable_layers
+from tfngd.optimizers.curvature_blocks import block_type_for, validate_modes
+
+FISHER_TYPES = ("mc", "empirical", "exact")
+LIKELIHOODS = ("gaussian", "categorical")
+_TINY = 1e-30
+# Adam constants of the first-order fallback (Kingma & Ba 2015 defaults).
+_FALLBACK_BETA_1, _FALLBACK_BETA_2, _FALLBACK_EPSILON = 0.9, 0.999, 1e-7
+
+
+class _Registration:
+    """What ``register`` was given, and the blocks built from it.
+
+    A plain object, so that Keras' weight saving (which walks the optimizer's
+    attributes for ``KerasSaveable`` children) never reaches the model.
+    """
+
+    def __init__(self, model_or_layers, skip_unsupported: bool):
+        self.model_or_layers = model_or_layers
+        self.skip_unsupported = skip_unsupported
+        self.layers: list | None = None
+        self.blocks: list = []
+        self.block_of_layer: dict = {}
+        self.block_variable_keys: set = set()  # optimizer._var_key of every block variable
+        self.fallback_keys: list = []
+
+    def resolve_layers(self) -> list:
+        if self.layers is None:
+            self.layers = find_registrable_layers(self.model_or_layers, self.skip_unsupported)
+        return self.layers
+
+    def trainable_variables(self) -> list:
+        if isinstance(self.model_or_layers, keras.layers.Layer):
+            return list(self.model_or_layers.trainable_variables)
+        raise ValueError("the optimizer was registered with a list of layers: build it with "
+                         "optimizer.build(model.trainable_variables) before the first step")
+
+
+def _run_if(predicate, function) -> None:
+    """``tf.cond(predicate, function, no-op)`` for side-effect-only ``function``."""
+
+    def run():
+        function()
+        return tf.constant(True)
+
+    tf.cond(predicate, run, lambda: tf.constant(False))
+
+
+def portable_uniform(shape, seed) -> tf.Tensor:
+    """Stateless uniform draws in (0, 1), bitwise identical with and without XLA.
+
+    ``tf.random.stateless_normal``/``stateless_uniform`` floats differ between
+    XLA and the regular kernels (the raw Philox bits agree, their float
+    conversion does not), so the probes are built from the bits.
+    """
+    bits = tf.random.stateless_uniform(shape, seed=seed, minval=None, maxval=None,
+                                       dtype=tf.uint32, alg="philox")
+    return (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) * (1.0 / 2**24)
+
+
+def portable_normal(shape, seed) -> tf.Tensor:
+    """Standard normal draws (Box-Muller on :func:`portable_uniform`)."""
+    u = portable_uniform(tf.concat([[2], shape], axis=0), seed)
+    return tf.sqrt(-2.0 * tf.math.log(u[0])) * tf.cos(2.0 * math.pi * u[1])
+
+
+def portable_categorical(logits, seed) -> tf.Tensor:
+    """One class index per row of ``logits`` (Gumbel-max on :func:`portable_uniform`)."""
+    gumbel = -tf.math.log(-tf.math.log(portable_uniform(tf.shape(logits), seed)))
+    return tf.argmax(logits + gumbel, axis=-1)
+
+
+def _all_finite(tensors) -> tf.Tensor:
+    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+@keras.saving.register_keras_serializable(package="tfngd")
+class KFAC(keras.optimizers.Optimizer):
+    """K-FAC natural-gradient descent (Martens & Grosse 2015; Grosse & Martens 2016).
+
+    Each registered layer's gradient ``dW`` is preconditioned by its damped
+    Fisher block, ``U = (F_layer + lambda I)^-1 dW``, with ``F_layer ~= R (A kron G)``
+    for Dense/Conv2D layers (``A``, ``G``: running second moments of the layer
+    inputs and of the per-example output gradients; ``R`` positions sharing
+    the weights) and a diagonal scale-and-shift Fisher for GroupNormalization
+    (:mod:`tfngd.optimizers.curvature_blocks` has the formulas). The step is::
+
+        nu = min(1, sqrt(kl_clip / (eta^2 * sum_l <U_l, dW_l>)))   # norm constraint
+        m  <- momentum * m + nu * U                                  # precondition, then momentum
+        W  <- W - eta * m
+
+    Variables with no curvature block (``Embedding``, unsupported layers) get
+    a first-order **Adam** update (betas 0.9/0.999, epsilon 1e-7) with
+    ``fallback_learning_rate``; they are not part of the KL clip.
+
+    The curvature comes from the train step (``NaturalGradientModel`` does it
+    for ``model.fit``)::
+
+        optimizer.register(model)                      # once, before training
+        with tf.GradientTape(persistent=True) as tape:
+            with optimizer.capture() as captured:
+                outputs = model(x, training=True)
+            loss = ...
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.update_curvature(tape, captured, outputs, likelihood="gaussian")
+        optimizer.apply(grads, model.trainable_variables)
+
+    The Fisher of the mean loss ``L = 1/N sum_n l_n`` is estimated with
+    per-example output-gradient probes ``v`` back-propagated to each layer's
+    pre-activation (one vector-Jacobian product per probe):
+
+    * ``"mc"``: Gaussian ``l_n = s_n ||y_n - f_n||^2``: ``v = sqrt(2 s_n / M) z``,
+      ``z ~ N(0, I)``; categorical (softmax cross-entropy on logits):
+      ``v = sqrt(s_n / M) (softmax(f_n) - onehot(y~))``, ``y~ ~ softmax(f_n)``;
+      ``M = mc_samples`` probes.
+    * ``"exact"``: one probe per output dimension (the columns of a square root
+      of the output Hessian: ``sqrt(2 s_n) e_d``, resp. ``sqrt(s_n p_k) (e_k - p)``),
+      so ``G`` is exact given the Kronecker factorisation (costs ``D`` backward
+      passes: small outputs and tests).
+    * ``"empirical"``: the real per-example loss gradients, ``N dL/ds``
+      (needs ``loss=`` in ``update_curvature``; a biased curvature estimate).
+
+    Random draws are stateless, seeded by ``(seed, iterations)``: a resumed run
+    draws what the uninterrupted run would have.
+
+    Every piece of state (factors, inverses or eigendecompositions, momentum,
+    fallback Adam moments, damping, counters) is an optimizer variable created
+    in ``build``, so ``model.save_weights``/``load_weights`` checkpoint it (build
+    the optimizer of the fresh model before ``load_weights``). Non-finite
+    statistics or gradients, or a failed decomposition, skip the whole step:
+    weights, momentum and curvature keep their values and ``skipped_updates``
+    is incremented.
+
+    Args:
+      learning_rate: float or ``LearningRateSchedule``; ``eta``. Defaults to 0.1.
+      damping: Tikhonov ``lambda`` added to the Fisher. Defaults to 1e-3. Stored
+        in a variable (``optimizer.damping``) that may be reassigned.
+      damping_mode: ``"pi"`` (pi-split Tikhonov on each factor, the damped
+        factor inverses are cached at each refresh) or ``"eigen"`` (exact
+        damping of ``R (A kron G) + lambda I`` in the factors' eigenbasis,
+        eigendecompositions cached). Defaults to ``"pi"``.
+      inverse_method: ``"eigh"`` (eigendecomposition, both damping modes;
+        eigenvalue diagnostics) or ``"cholesky"`` (pi mode only: Cholesky
+        inverses of the damped factors, much faster under XLA, whose ``eigh`` is a
+        slow Jacobi iteration; see docs/kfac.md). Defaults to ``"eigh"``.
+      fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see above). Defaults to ``"mc"``.
+      mc_samples: probes per example for ``fisher="mc"``. Defaults to 1.
+      statistics_decay: EMA decay of the factors, with bias correction
+        ``1 / (1 - decay^k)`` (decay 0 uses the last batch only). Defaults to 0.95.
+      statistics_every: update the factors every ``k`` steps. Defaults to 1.
+      inverse_every: refresh the decompositions every ``T`` steps. Defaults to 10.
+      inverse_warmup_steps: refresh at every step during the first steps: early
+        on the factors move fast (zero-initialised layers leave ``G = 0`` upstream
+        at step 0) and inverses that are ``T`` steps stale make training diverge
+        (seen on our U-Net with ``T = 10``). Defaults to 20, about the time
+        constant ``1 / (1 - statistics_decay)`` of the factor EMA.
+      kl_clip: ``kappa`` of the norm constraint, or None to disable it. Defaults to 1e-3.
+      momentum: heavy-ball coefficient applied after preconditioning and
+        clipping (0 disables momentum and its variables). Defaults to 0.5: with
+        kfac-pytorch's 0.9 our diffusion MLP diverged within 100 steps at every
+        damping/learning rate tried (docs/kfac.md).
+      fallback_learning_rate: float or schedule: learning rate of the Adam
+        fallback for variables without a block. Defaults to 1e-3.
+      seed: base seed of the stateless probe draws. Defaults to 0.
+      skip_unsupported_layers: layers of a supported type in an unsupported
+        configuration (grouped/channels-first Conv2D, ...) raise at build by
+        default; True gives them the fallback instead. Defaults to False.
+      weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+      ema_overwrite_frequency, loss_scale_factor, name: as for every Keras
+        optimizer (clipping acts on the raw gradients before
+        preconditioning; weight decay is decoupled, ``W -= eta * wd * W``).
+        ``gradient_accumulation_steps`` is not supported.
+
+    Single device only: statistics are not all-reduced across replicas.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.1,
+        damping: float = 1e-3,
+        damping_mode: str = "pi",
+        inverse_method: str = "eigh",
+        fisher: str = "mc",
+        mc_samples: int = 1,
+        statistics_decay: float = 0.95,
+        statistics_every: int = 1,
+        inverse_every: int = 10,
+        inverse_warmup_steps: int = 20,
+        kl_clip: float | None = 1e-3,
+        momentum: float = 0.5,
+        fallback_learning_rate=1e-3,
+        seed: int = 0,
+        skip_unsupported_layers: bool = False,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name=None,
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            **kwargs,
+        )
+        if gradient_accumulation_steps:
+            raise NotImplementedError("KFAC does not support gradient_accumulation_steps")
+        validate_modes(damping_mode, inverse_method)
+        if fisher not in FISHER_TYPES:
+            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+        if not damping > 0:
+            raise ValueError(f"damping must be > 0, got {damping}")
+        if not 0.0 <= statistics_decay < 1.0:
+            raise ValueError(f"statistics_decay must be in [0, 1), got {statistics_decay}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if kl_clip is not None and not kl_clip > 0:
+            raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
+        for arg, value in (("mc_samples", mc_samples), ("statistics_every", statistics_every),
+                           ("inverse_every", inverse_every)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{arg} must be an integer >= 1, got {value}")
+        if int(inverse_warmup_steps) != inverse_warmup_steps or inverse_warmup_steps < 0:
+            raise ValueError(f"inverse_warmup_steps must be an integer >= 0, "
+                             f"got {inverse_warmup_steps}")
+        self.initial_damping = float(damping)
+        self.damping_mode = damping_mode
+        self.inverse_method = inverse_method
+        self.fisher = fisher
+        self.mc_samples = int(mc_samples)
+        self.statistics_decay = float(statistics_decay)
+        self.statistics_every = int(statistics_every)
+        self.inverse_every = int(inverse_every)
+        self.inverse_warmup_steps = int(inverse_warmup_steps)
+        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.momentum = float(momentum)
+        if isinstance(fallback_learning_rate, dict):
+            fallback_learning_rate = keras.saving.deserialize_keras_object(fallback_learning_rate)
+        self.fallback_learning_rate = fallback_learning_rate
+        self.seed = int(seed)
+        self.skip_unsupported_layers = bool(skip_unsupported_layers)
+        self._registration = None
+
+    # -- registration ----------------------------------------------------------
+    def register(self, model_or_layers, skip_unsupported: bool | None = None) -> KFAC:
+        """Choose the layers that get a curvature block (call once, before training).
+
+        ``model_or_layers`` is a Keras model or layer (searched recursively
+        with :func:`find_registrable_layers` when the optimizer is built, so
+        the model need not be built yet), or a list of layers. Returns self.
+        """
+        if self.built:
+            raise ValueError("register() must be called before the optimizer is built")
+        if skip_unsupported is None:
+            skip_unsupported = self.skip_unsupported_layers
+        self._registration = _Registration(model_or_layers, skip_unsupported)
+        return self
+
+    @property
+    def is_registered(self) -> bool:
+        return self._registration is not None
+
+    @property
+    def blocks(self) -> list:
+        """The curvature blocks, in model order (after ``build``)."""
+        return [] if self._registration is None else list(self._registration.blocks)
+
+    def _require_registration(self) -> _Registration:
+        if self._registration is None:
+            raise ValueError(
+                "KFAC needs to know the model's layers: call optimizer.register(model) before "
+                "training, and feed it curvature with capture()/update_curvature() (or use "
+                "tfngd.optimizers.NaturalGradientModel, which does both)."
+            )
+        return self._registration
+
+    # -- state -------------------------------------------------------------------
+    def build(self, var_list):
+        if self.built:
+            return
+        registration = self._require_registration()
+        if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            raise NotImplementedError("KFAC runs on a single device (no cross-replica statistics)")
+        var_keys = {self._var_key(v) for v in var_list}
+        for layer in registration.resolve_layers():
+            block = block_type_for(layer)(layer, self.damping_mode, self.inverse_method)
+            if not all(self._var_key(v) in var_keys for v in block.variables):
+                continue  # not (entirely) trained by this optimizer: first-order fallback
+            registration.blocks.append(block)
+            registration.block_of_layer[id(layer)] = block
+            registration.block_variable_keys.update(self._var_key(v) for v in block.variables)
+        super().build(var_list)
+
+        def scalar(name, initializer="zeros", dtype="float32"):
+            return self.add_variable((), initializer=initializer, dtype=dtype, name=name)
+
+        self.damping = scalar("damping", keras.initializers.Constant(self.initial_damping))
+        self._statistics_weight = scalar("statistics_weight")
+        self._curvature_finite = scalar("curvature_finite", "ones", "int32")
+        self._skipped_updates = scalar("skipped_updates", dtype="int64")
+        self._inverse_refreshes = scalar("inverse_refreshes", dtype="int64")
+        self._update_scale = scalar("update_scale", "ones")
+        for block in registration.blocks:
+            block.create_state(self)
+        block_variables = [v for block in registration.blocks for v in block.variables]
+        self._momentums = (self.add_optimizer_variables(block_variables, "kfac_momentum")
+                           if self.momentum > 0 else [None] * len(block_variables))
+        fallback = [v for v in var_list
+                    if self._var_key(v) not in registration.block_variable_keys]
+        registration.fallback_keys = [self._var_key(v) for v in fallback]
+        self._fallback_moments = self.add_optimizer_variables(
+            fallback, ["fallback_momentum", "fallback_velocity"])
+
+    @property
+    def skipped_updates(self):
+        """Number of steps skipped because of non-finite values (an int64 variable)."""
+        return self._skipped_updates
+
+    # -- curvature ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self):
+        """Record the registered layers' inputs and pre-activations of one forward pass."""
+        layers = self._require_registration().resolve_layers()
+        with capture_layer_calls(layers) as calls:
+            yield calls
+
+    def _step_seed(self, probe: int):
+        step = tf.cast(self.iterations, tf.int64)
+        return tf.stack([tf.constant(self.seed * 1000003 + 7919 * probe + 1, tf.int64), step])
+
+    def output_probes(self, outputs, likelihood: str, per_example_scale=None) -> list:
+        """Output-gradient probes ``v`` whose sum of ``v v^T`` estimates the output Hessian.
+
+        ``per_example_scale`` is ``s_n`` (shape ``[N]`` or scalar) in
+        ``l_n = s_n ||y_n - f_n||^2`` (gaussian) or ``l_n = s_n sum_positions CE``
+        (categorical), where the objective is ``mean_n l_n``. The default is the
+        Keras convention of a mean over output elements: ``1 / D`` for gaussian
+        (``D`` = elements per example) and ``1 / P`` for categorical (``P`` =
+        positions per example, 1 for ``[N, K]`` logits).
+        """
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        outputs32 = tf.cast(outputs, tf.float32)
+        shape = tf.shape(outputs32)
+        rank = outputs.shape.rank
+        example_dims = [int(d) if d is not None else None for d in outputs.shape[1:]]
+        if likelihood == "gaussian":
+            default_count = math.prod(example_dims) if None not in example_dims else None
+        else:
+            default_count = (math.prod(example_dims[:-1]) if None not in example_dims[:-1]
+                             else None)
+        if per_example_scale is None:
+            if default_count is None:
+                raise ValueError("outputs have dynamic dimensions: pass per_example_scale")
+            scale = tf.constant(1.0 / default_count, tf.float32)
+        else:
+            scale = tf.cast(per_example_scale, tf.float32)
+        if scale.shape.rank == 1:
+            scale = tf.reshape(scale, [-1] + [1] * (rank - 1))
+
+        probes = []
+        if likelihood == "gaussian":
+            if self.fisher == "exact":
+                dims = math.prod(example_dims)
+                for d in range(dims):
+                    unit = tf.reshape(tf.one_hot(d, dims), [1, *example_dims])
+                    probes.append(tf.sqrt(2.0 * scale) * tf.ones_like(outputs32) * unit)
+            else:
+                for probe in range(self.mc_samples):
+                    z = portable_normal(shape, self._step_seed(probe))
+                    probes.append(tf.sqrt(2.0 * scale / self.mc_samples) * z)
+        else:
+            classes = example_dims[-1]
+            probabilities = tf.nn.softmax(outputs32, axis=-1)
+            if self.fisher == "exact":
+                for k in range(classes):
+                    p_k = probabilities[..., k:k + 1]
+                    probes.append(tf.sqrt(scale * p_k) * (tf.one_hot(k, classes) - probabilities))
+            else:
+                flat_logits = tf.reshape(outputs32, (-1, classes))
+                for probe in range(self.mc_samples):
+                    sampled = portable_categorical(flat_logits, self._step_seed(probe))
+                    onehot = tf.reshape(tf.one_hot(sampled, classes), shape)
+                    probes.append(tf.sqrt(scale / self.mc_samples) * (probabilities - onehot))
+        return [tf.cast(v, outputs.dtype) for v in probes]
+
+    @tf.autograph.experimental.do_not_convert
+    def update_curvature(self, tape, captured, outputs, likelihood: str = "gaussian",
+                         per_example_scale=None, loss=None) -> None:
+        """Fold this step's curvature statistics into the running factors.
+
+        Args:
+          tape: the persistent ``tf.GradientTape`` that recorded the forward pass.
+          captured: what ``with optimizer.capture() as captured`` yielded.
+          outputs: the model output the likelihood is defined on (a tensor;
+            logits for ``"categorical"``).
+          likelihood: ``"gaussian"`` (squared error) or ``"categorical"``
+            (softmax cross-entropy from logits); unused for ``fisher="empirical"``.
+          per_example_scale: ``s_n``, see :meth:`output_probes`.
+          loss: the mean-over-examples objective; required for ``fisher="empirical"``.
+
+        Runs every ``statistics_every`` steps (a no-op otherwise). Non-finite
+        statistics are not accumulated and make the next ``apply`` skip its update.
+        """
+        registration = self._require_registration()
+        if not self.built:
+            self.build(registration.trainable_variables())
+        calls = [c for c in captured if id(c.layer) in registration.block_of_layer]
+        if not calls:
+            raise ValueError("no registered layer was called inside optimizer.capture()")
+        if not tf.is_tensor(outputs):
+            raise TypeError("update_curvature needs the model output as a single tensor, got "
+                            f"{type(outputs).__name__}")
+        if self.fisher == "empirical" and loss is None:
+            raise ValueError("fisher='empirical' needs the loss: update_curvature(..., loss=loss)")
+
+        def collect():
+            pre_activations = [c.outputs for c in calls]
+            if self.fisher == "empirical":
+                batch = tf.cast(tf.shape(outputs)[0], tf.float32)
+                grads = tape.gradient(loss, pre_activations,
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                probe_grads = [[g * tf.cast(batch, g.dtype) for g in grads]]
+            else:
+                probe_grads = [
+                    tape.gradient(outputs, pre_activations, output_gradients=v,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                    for v in self.output_probes(outputs, likelihood, per_example_scale)
+                ]
+            statistics = []
+            for block in registration.blocks:
+                indices = [i for i, c in enumerate(calls) if c.layer is block.layer]
+                if not indices:
+                    statistics.append(None)
+                    continue
+                statistics.append(block.batch_statistics(
+                    [calls[i].inputs for i in indices],
+                    [[grads[i] for grads in probe_grads] for i in indices],
+                ))
+            finite = _all_finite([s for stats in statistics if stats for s in stats])
+
+            def accumulate():
+                decay = tf.constant(self.statistics_decay, tf.float32)
+                for block, stats in zip(registration.blocks, statistics, strict=True):
+                    if stats is not None:
+                        block.accumulate_statistics(stats, decay)
+                self._statistics_weight.assign(decay * self._statistics_weight + (1.0 - decay))
+
+            _run_if(finite, accumulate)
+            self._curvature_finite.assign(
+                tf.minimum(self._curvature_finite, tf.cast(finite, tf.int32)))
+
+        if self.statistics_every == 1:
+            collect()
+        else:
+            _run_if(tf.equal(self.iterations % self.statistics_every, 0), collect)
+
+    # -- update ------------------------------------------------------------------
+    def _fallback_lr(self):
+        rate = self.fallback_learning_rate
+        if isinstance(rate, LearningRateSchedule):
+            rate = rate(self.iterations)
+        elif callable(rate):
+            rate = rate()
+        return tf.cast(rate, tf.float32)
+
+    def _apply_weight_decay(self, variables):
+        """Deferred into the guarded update (so a skipped step leaves the weights alone)."""
+
+    def _decay_weights(self, variables, learning_rate):
+        if self.weight_decay is None:
+            return
+        for variable in variables:
+            if self._use_weight_decay(variable):
+                rate = tf.cast(learning_rate * self.weight_decay, variable.dtype)
+                self.assign_sub(variable, variable * rate)
+
+    def update_step(self, gradient, variable, learning_rate):
+        raise NotImplementedError("KFAC updates all variables jointly in _backend_update_step")
+
+    @tf.autograph.experimental.do_not_convert
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """Refresh the inverses when due, then precondition, clip, momentum and update.
+
+        All or nothing: non-finite statistics or gradients, or a failed
+        decomposition, skip the whole step (and count it).
+        """
+        learning_rate = tf.cast(learning_rate, tf.float32)
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        block_grads, fallback = self._route_gradients(grads, trainable_variables)
+        finite = tf.logical_and(tf.equal(self._curvature_finite, 1), _all_finite(grads))
+        correction = tf.where(self._statistics_weight > 0,
+                              1.0 / tf.maximum(self._statistics_weight, _TINY), 0.0)
+        damping = tf.cast(self.damping, tf.float32)
+        inverses_ok = self._refresh_inverses_if_due(finite, damping, correction)
+
+        def update():
+            self._decay_weights(trainable_variables, learning_rate)
+            updates = [None if gs is None else block.precondition(gs, damping, correction)
+                       for block, gs in zip(self.blocks, block_grads, strict=True)]
+            scale = self._kl_clip_scale(updates, block_grads, learning_rate)
+            self._update_scale.assign(scale)
+            self._apply_with_momentum(updates, scale, learning_rate)
+            self._fallback_adam(fallback)
+            return tf.constant(True)
+
+        def skip():
+            self._skipped_updates.assign_add(1)
+            return tf.constant(False)
+
+        tf.cond(tf.logical_and(finite, inverses_ok), update, skip)
+        self._curvature_finite.assign(1)
+
+    def _route_gradients(self, grads, trainable_variables):
+        """Per block, its variables' gradients (None: the block got none); and the
+        ``(gradient, variable, fallback index)`` triples of the first-order variables."""
+        registration = self._require_registration()
+        grad_of = {self._var_key(v): g for g, v in zip(grads, trainable_variables, strict=True)}
+        variable_of = {self._var_key(v): v for v in trainable_variables}
+        block_grads = []
+        for block in registration.blocks:
+            gs = [grad_of.get(self._var_key(v)) for v in block.variables]
+            block_grads.append(None if all(g is None for g in gs) else
+                               [tf.zeros(v.shape, tf.float32) if g is None else g
+                                for g, v in zip(gs, block.variables, strict=True)])
+        fallback = [(grad_of[key], variable_of[key], i)
+                    for i, key in enumerate(registration.fallback_keys) if key in grad_of]
+        return block_grads, fallback
+
+    def _refresh_inverses_if_due(self, finite, damping, correction):
+        """Every step during the warm-up (and until a first refresh succeeded), then every
+        ``inverse_every`` steps; returns whether the refresh (if any) succeeded."""
+
+        def refresh():
+            oks = [block.update_inverse(damping, correction) for block in self.blocks]
+            return tf.reduce_all(tf.stack(oks)) if oks else tf.constant(True)
+
+        due = tf.logical_and(finite, tf.reduce_any(tf.stack([
+            tf.equal(self.iterations % self.inverse_every, 0),
+            self.iterations < self.inverse_warmup_steps,
+            tf.equal(self._inverse_refreshes, 0),
+        ])))
+        ok = tf.cond(due, refresh, lambda: tf.constant(True))
+        self._inverse_refreshes.assign_add(tf.cast(tf.logical_and(due, ok), tf.int64))
+        return ok
+
+    def _kl_clip_scale(self, updates, block_grads, learning_rate):
+        """``nu = min(1, sqrt(kl_clip / (eta^2 sum_l <U_l, dW_l>)))`` (1 without kl_clip)."""
+        products = [tf.reduce_sum(u * tf.cast(g, tf.float32))
+                    for us, gs in zip(updates, block_grads, strict=True) if us is not None
+                    for u, g in zip(us, gs, strict=True)]
+        if self.kl_clip is None or not products:
+            return tf.constant(1.0)
+        quadratic = tf.maximum(tf.add_n(products), _TINY)
+        return tf.minimum(1.0, tf.sqrt(self.kl_clip / (learning_rate**2 * quadratic)))
+
+    def _apply_with_momentum(self, updates, scale, learning_rate):
+        """``m <- momentum * m + nu * U``; ``W <- W - eta * m`` (``m = nu U`` without momentum)."""
+        slot = 0
+        for block, block_updates in zip(self.blocks, updates, strict=True):
+            for variable, update in zip(block.variables,
+                                        block_updates or [None] * len(block.variables),
+                                        strict=True):
+                momentum = self._momentums[slot]
+                slot += 1
+                if update is None:
+                    continue
+                step = scale * update
+                if momentum is not None:
+                    self.assign(momentum, self.momentum * momentum + step)
+                    step = tf.convert_to_tensor(momentum)
+                self.assign_sub(variable, learning_rate * tf.cast(step, tf.float32))
+
+    def _fallback_adam(self, fallback) -> None:
+        """Adam (bias-corrected) on the variables without a curvature block."""
+        if not fallback:
+            return
+        momenta, velocities = self._fallback_moments
+        rate = self._fallback_lr()
+        step = tf.cast(self.iterations + 1, tf.float32)
+        alpha = rate * tf.sqrt(1.0 - _FALLBACK_BETA_2 ** step) / (1.0 - _FALLBACK_BETA_1 ** step)
+        for gradient, variable, index in fallback:
+            m, v = momenta[index], velocities[index]
+            gradient = tf.cast(gradient, m.dtype)
+            self.assign_add(m, (gradient - m) * (1.0 - _FALLBACK_BETA_1))
+            self.assign_add(v, (tf.square(gradient) - v) * (1.0 - _FALLBACK_BETA_2))
+            self.assign_sub(variable, tf.cast(alpha, m.dtype) * m
+                            / (tf.sqrt(v) + _FALLBACK_EPSILON))
+
+    # -- diagnostics ---------------------------------------------------------------
+    def diagnostics(self) -> dict[str, tf.Tensor]:
+        """Scalars for TensorBoard: damping, the KL-clip scale ``nu`` of the last update,
+        skipped updates, inverse refreshes and, per block, the factor eigenvalue
+        extremes (Fisher diagonal extremes for GroupNorm) of the last refresh.
+        """
+        if not self.built:
+            return {}
+        result = {
+            "kfac/damping": tf.convert_to_tensor(self.damping),
+            "kfac/update_scale": tf.convert_to_tensor(self._update_scale),
+            "kfac/skipped_updates": tf.convert_to_tensor(self._skipped_updates),
+            "kfac/inverse_refreshes": tf.convert_to_tensor(self._inverse_refreshes),
+        }
+        for block in self.blocks:
+            for key, value in block.diagnostics().items():
+                result[f"kfac/{block.name}/{key}"] = tf.convert_to_tensor(value)
+        return result
+
+    # -- serialisation -----------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        fallback_rate = self.fallback_learning_rate
+        if isinstance(fallback_rate, LearningRateSchedule):
+            fallback_rate = keras.saving.serialize_keras_object(fallback_rate)
+        config.update({
+            "damping": self.initial_damping,
+            "damping_mode": self.damping_mode,
+            "inverse_method": self.inverse_method,
+            "fisher": self.fisher,
+            "mc_samples": self.mc_samples,
+            "statistics_decay": self.statistics_decay,
+            "statistics_every": self.statistics_every,
+            "inverse_every": self.inverse_every,
+            "inverse_warmup_steps": self.inverse_warmup_steps,
+            "kl_clip": self.kl_clip,
+            "momentum": self.momentum,
+            "fallback_learning_rate": fallback_rate,
+            "seed": self.seed,
+            "skip_unsupported_layers": self.skip_unsupported_layers,
+        })
+        return config

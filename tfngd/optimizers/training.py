@@ -1,0 +1,132 @@
+"""``NaturalGradientModel``: a ``keras.Model`` whose ``fit`` feeds K-FAC its curvature.
+
+With a :class:`~tfngd.optimizers.KFAC` optimizer (possibly inside Keras'
+``LossScaleOptimizer``), ``train_step`` runs the capture / update_curvature /
+apply sequence; with any other optimizer it is Keras' ordinary step. The
+likelihood of the Fisher comes from the compiled loss:
+
+* ``MeanSquaredError`` (or ``"mse"``): Gaussian, ``l_n = s_n ||y_n - f_n||^2`` with
+  ``s_n = w_n / D`` (``D`` output elements per example, ``w_n`` the sample weight);
+* ``SparseCategoricalCrossentropy(from_logits=True)`` or
+  ``CategoricalCrossentropy(from_logits=True)``: categorical on the logits,
+  ``s_n = w_n / P`` (``P`` positions per example, 1 for ``[N, K]`` logits);
+* anything else needs ``KFAC(fisher="empirical")`` (real loss gradients).
+
+Usage (functional or subclassed)::
+
+    model = NaturalGradientModel(inputs, outputs)
+    model.compile(optimizer=KFAC(learning_rate=0.1, damping=1e-3), loss="mse")
+    model.fit(x, y, epochs=10)
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tfngd.optimizers.kfac import KFAC
+
+_GAUSSIAN_LOSS_NAMES = ("mse", "mean_squared_error", "MeanSquaredError")
+SUPPORTED_LOSSES = (
+    "MeanSquaredError / 'mse' (gaussian), SparseCategoricalCrossentropy(from_logits=True) or "
+    "CategoricalCrossentropy(from_logits=True) (categorical), all with "
+    "reduction='sum_over_batch_size'"
+)
+
+
+def kfac_of(optimizer) -> KFAC | None:
+    """The KFAC optimizer, unwrapping Keras' ``LossScaleOptimizer``; None otherwise."""
+    if isinstance(optimizer, KFAC):
+        return optimizer
+    inner = getattr(optimizer, "inner_optimizer", None)
+    return inner if isinstance(inner, KFAC) else None
+
+
+def likelihood_of_loss(loss) -> str:
+    """``"gaussian"`` or ``"categorical"`` for a compiled loss; ValueError otherwise."""
+    if isinstance(loss, str) and loss in _GAUSSIAN_LOSS_NAMES:
+        return "gaussian"
+    if loss is keras.losses.mean_squared_error:
+        return "gaussian"
+    if isinstance(loss, keras.losses.Loss) and loss.reduction == "sum_over_batch_size":
+        if isinstance(loss, keras.losses.MeanSquaredError):
+            return "gaussian"
+        categorical = (keras.losses.SparseCategoricalCrossentropy,
+                       keras.losses.CategoricalCrossentropy)
+        if (isinstance(loss, categorical) and loss.from_logits
+                and getattr(loss, "ignore_class", None) is None
+                and not getattr(loss, "label_smoothing", 0)):
+            return "categorical"
+    raise ValueError(
+        f"NaturalGradientModel cannot infer a Fisher likelihood from the loss {loss!r}. "
+        f"Supported: {SUPPORTED_LOSSES}. For other losses use KFAC(fisher='empirical')."
+    )
+
+
+@keras.saving.register_keras_serializable(package="tfngd")
+class NaturalGradientModel(keras.Model):
+    """A Keras model trained with K-FAC natural gradient when compiled with ``KFAC``.
+
+    ``compile`` registers the model with the KFAC optimizer; ``train_step``
+    records the registered layers' pre-activations, computes the gradient,
+    feeds the Fisher statistics (likelihood from the compiled loss, see the
+    module doc) and applies the preconditioned update.
+    """
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        optimizer = kfac_of(self.optimizer)
+        if optimizer is not None:
+            if optimizer.fisher != "empirical":
+                likelihood_of_loss(self.loss)  # fail at compile time, not inside fit
+            if not optimizer.is_registered and not optimizer.built:
+                optimizer.register(self)
+
+    def _per_example_scale(self, likelihood: str, y_pred, sample_weight):
+        dims = list(y_pred.shape[1:])
+        if likelihood == "categorical":
+            dims = dims[:-1]
+        if any(d is None for d in dims):
+            elements = tf.cast(tf.reduce_prod(tf.shape(y_pred)[1:1 + len(dims)]), tf.float32)
+        else:
+            elements = tf.constant(float(max(1, _product(dims))), tf.float32)
+        if sample_weight is None:
+            return 1.0 / elements
+        weight = tf.cast(sample_weight, tf.float32)
+        if weight.shape.rank and weight.shape.rank > 1:
+            raise ValueError("NaturalGradientModel supports per-example sample weights only")
+        return weight / elements
+
+    def train_step(self, data):
+        optimizer = kfac_of(self.optimizer)
+        if optimizer is None:
+            return super().train_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape(persistent=True) as tape:
+            with optimizer.capture() as captured:
+                y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                     training=True)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        if optimizer.fisher == "empirical":
+            optimizer.update_curvature(tape, captured, y_pred, loss=loss)
+        else:
+            likelihood = likelihood_of_loss(self.loss)
+            optimizer.update_curvature(
+                tape, captured, y_pred, likelihood,
+                per_example_scale=self._per_example_scale(likelihood, y_pred, sample_weight))
+        del tape
+        self.optimizer.apply(gradients, variables)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss, sample_weight=tf.shape(y_pred)[0])
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _product(values) -> int:
+    result = 1
+    for value in values:
+        result *= int(value)
+    return result
