@@ -37,7 +37,7 @@ class _StepTimer(keras.callbacks.Callback):
 def measure(dataset: str, jit_compile: bool, steps: int, batch_size: int, data_dir=None) -> dict:
     overrides = MNIST_UNET if dataset == "mnist" else {}
     config = TrainConfig(dataset=dataset, data_dir=data_dir, batch_size=batch_size,
-                         jit_compile=jit_compile, epochs=2, steps_per_epoch=steps,
+                         optimizer="adam", jit_compile=jit_compile, epochs=2, steps_per_epoch=steps,
                          warmup_steps=1, **overrides).validate()
     splits = data_lib.load_dataset(dataset, data_dir=data_dir, seed=0)
     model = build_model(config, splits.data_shape, splits.num_classes)

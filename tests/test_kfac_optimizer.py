@@ -68,7 +68,7 @@ def test_config_round_trip_with_schedules():
     optimizer = KFAC(
         learning_rate=keras.optimizers.schedules.ExponentialDecay(0.3, 100, 0.5),
         damping=3e-3, damping_mode="eigen", inverse_method="eigh", fisher="empirical",
-        mc_samples=2,
+        mc_samples=2, statistics_examples=12,
         statistics_decay=0.9, statistics_every=2, inverse_every=7, inverse_warmup_steps=3,
         kl_clip=None, momentum=0.5,
         fallback_learning_rate=keras.optimizers.schedules.CosineDecay(1e-3, 50), seed=11,
@@ -81,6 +81,7 @@ def test_config_round_trip_with_schedules():
     again = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert isinstance(again, KFAC) and again.get_config() == config
     for key in ("damping", "damping_mode", "inverse_method", "fisher", "mc_samples",
+                "statistics_examples",
                 "statistics_decay", "statistics_every", "inverse_every", "inverse_warmup_steps",
                 "kl_clip", "momentum",
                 "fallback_learning_rate", "seed", "skip_unsupported_layers"):
@@ -273,9 +274,10 @@ def test_statistics_and_inverse_refresh_schedules(warmup):
         model.train_on_batch(inputs, targets)
         refreshes = int(optimizer.diagnostics()["kfac/inverse_refreshes"])
         history.append((optimizer.blocks[0].a_factor.numpy().copy(), refreshes))
-    # Statistics at steps 0, 2, 4, 6 only; inverses at steps 0, 3, 6 (and 1 in the warm-up).
+    # Statistics at steps 0, 2, 4, 6 (and 1 in the warm-up); inverses at steps 0, 3, 6 (and 1
+    # in the warm-up).
     changed = [not np.array_equal(history[i][0], history[i - 1][0]) for i in range(1, 7)]
-    assert changed == [False, True, False, True, False, True]
+    assert changed == [warmup > 1, True, False, True, False, True]
     expected = [1, 1, 1, 2, 2, 2, 3] if warmup == 0 else [1, 2, 2, 3, 3, 3, 4]
     assert [count for _, count in history] == expected
 
@@ -316,3 +318,43 @@ def test_mixed_bfloat16_policy_keeps_float32_factors():
     assert all(v.dtype == "float32" for v in optimizer.variables
                if "kfac" in v.name and v.dtype not in ("int64", "int32"))
     assert int(optimizer.skipped_updates.numpy()) == 0
+
+
+# -- memory of the curvature state --------------------------------------------------------
+@pytest.mark.parametrize(("damping_mode", "cached"), [("pi", "squares"), ("eigen", "eigen")])
+def test_state_sizes_count_factors_inverses_momentum_and_fallback(damping_mode, cached):
+    model = regressor()  # hidden1 4->16, label_emb 3x16 (fallback), hidden2 16->16, out 16->2
+    optimizer = kfac(damping_mode=damping_mode)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.train_on_batch(*batches(1)[0])
+    # (input dim + bias, output dim) of each Kronecker block, counted by hand.
+    dims = [(5, 16), (17, 16), (17, 2)]
+    squares = sum(a * a + g * g for a, g in dims)
+    eigen = squares + sum(a + g for a, g in dims)
+    parameters = sum((a - 1) * g + g for a, g in dims)
+    assert optimizer.state_sizes() == {
+        "factors": squares,
+        "inverses": squares if cached == "squares" else eigen,
+        "momentum": parameters,
+        "fallback": 2 * 3 * 16,
+    }
+
+
+def test_statistics_examples_uses_the_first_examples_of_the_batch():
+    """The factors from a 16-example batch with ``statistics_examples=6`` equal those from
+    its first 6 examples alone (exact Fisher: deterministic probes); the gradient step still
+    uses the whole batch."""
+    (x, labels), y = batches(1)[0]
+    factors = {}
+    for name, inputs, targets, subset in (("subset", (x, labels), y, 6),
+                                          ("first6", (x[:6], labels[:6]), y[:6], None)):
+        model = regressor()
+        optimizer = kfac(fisher="exact", statistics_examples=subset)
+        model.compile(optimizer=optimizer, loss="mse")
+        model.train_on_batch(inputs, targets)
+        factors[name] = [v.numpy() for block in optimizer.blocks
+                         for v in block.running_statistics]
+    for a, b in zip(factors["subset"], factors["first6"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="statistics_examples"):
+        KFAC(statistics_examples=0)

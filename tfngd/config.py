@@ -23,8 +23,12 @@ from tfngd import gaussian_diffusion as gd
 from tfngd import samplers, schedules, timestep_sampling
 from tfngd.model import DiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
+from tfngd.optimizers.curvature_blocks import INVERSE_METHODS
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "kfac")
+# Peak learning rate of each optimizer when --learning-rate is not given: Adam's and K-FAC's
+# were compared on the main job (docs/kfac.md, section 7); SGD's is a starting point only.
+DEFAULT_LEARNING_RATES = {"adam": 2e-3, "adamw": 2e-3, "sgd": 5e-2, "kfac": 0.1}
 
 
 class ConfigError(ValueError):
@@ -60,14 +64,17 @@ class TrainConfig:
     min_snr_gamma: float | None = None
     timestep_sampler: str = "uniform"
     # optimisation
-    optimizer: str = "adam"
-    learning_rate: float = 2e-3
+    optimizer: str = "kfac"
+    learning_rate: float | None = None
     warmup_steps: int = 200
     final_lr_fraction: float = 0.05
     weight_decay: float = 0.0
     momentum: float | None = None
     damping: float = 1e-3
-    inverse_every: int = 10
+    statistics_every: int = 10
+    statistics_examples: int | None = 16
+    inverse_every: int = 100
+    inverse_method: str = "cholesky"
     global_clipnorm: float | None = 1.0
     batch_size: int = 64
     epochs: int = 30
@@ -148,14 +155,19 @@ class TrainConfig:
             real("min_snr_gamma", self.min_snr_gamma, 0.0, 1e6, low_open=True)
         choice("timestep_sampler", self.timestep_sampler, timestep_sampling.TIMESTEP_SAMPLERS)
         choice("optimizer", self.optimizer, OPTIMIZERS)
-        real("learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
+        if self.learning_rate is not None:
+            real("learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
         integer("warmup_steps", self.warmup_steps, 0)
         real("final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
         real("weight_decay", self.weight_decay, 0.0, 1.0)
         if self.momentum is not None:
             real("momentum", self.momentum, 0.0, 1.0, high_open=True)
         real("damping", self.damping, 0.0, 1e6, low_open=True)
+        integer("statistics_every", self.statistics_every, 1)
+        if self.statistics_examples is not None:
+            integer("statistics_examples", self.statistics_examples, 1)
         integer("inverse_every", self.inverse_every, 1)
+        choice("inverse_method", self.inverse_method, INVERSE_METHODS)
         if self.global_clipnorm is not None:
             real("global_clipnorm", self.global_clipnorm, 0.0, 1e6, low_open=True)
         integer("batch_size", self.batch_size, 1, 65_536)
@@ -180,6 +192,13 @@ class TrainConfig:
         if self.num_samples is not None:
             return self.num_samples
         return 64 if len(data_shape) == 3 else 2048
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """``learning_rate``, or the optimizer's default (:data:`DEFAULT_LEARNING_RATES`)."""
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        return DEFAULT_LEARNING_RATES[self.optimizer]
 
     @property
     def total_steps(self) -> int:
@@ -273,13 +292,13 @@ def build_model(config: TrainConfig, data_shape: tuple,
 
 
 def learning_rate_schedule(config: TrainConfig) -> keras.optimizers.schedules.LearningRateSchedule:
-    """Linear warm-up from 0 to ``learning_rate``, then cosine decay to
-    ``final_lr_fraction * learning_rate`` at the last step (Loshchilov & Hutter 2017)."""
+    """Linear warm-up from 0 to the peak learning rate, then cosine decay to
+    ``final_lr_fraction`` times the peak at the last step (Loshchilov & Hutter 2017)."""
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0,
         decay_steps=config.total_steps - config.warmup_steps,
         alpha=config.final_lr_fraction,
-        warmup_target=config.learning_rate,
+        warmup_target=config.peak_learning_rate,
         warmup_steps=config.warmup_steps,
     )
 
@@ -298,7 +317,9 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     if config.optimizer == "kfac":
         from tfngd.optimizers import KFAC
 
-        return KFAC(damping=config.damping, inverse_every=config.inverse_every,
+        return KFAC(damping=config.damping, statistics_every=config.statistics_every,
+                    statistics_examples=config.statistics_examples,
+                    inverse_every=config.inverse_every, inverse_method=config.inverse_method,
                     momentum=0.5 if config.momentum is None else config.momentum,
                     seed=config.seed, **common)
     raise ConfigError(f"optimizer={config.optimizer!r} is not valid; choose one of: "
@@ -329,14 +350,20 @@ OPTION_HELP = {
     "timestep_sampler": "training timestep sampler: "
     + ", ".join(timestep_sampling.TIMESTEP_SAMPLERS),
     "optimizer": f"optimizer: {', '.join(OPTIMIZERS)}",
-    "learning_rate": "peak learning rate (after warm-up; cosine decay afterwards)",
+    "learning_rate": "peak learning rate (after warm-up; cosine decay afterwards); 'none': the "
+    "optimizer's default, "
+    + ", ".join(f"{name} {rate:g}" for name, rate in DEFAULT_LEARNING_RATES.items()),
     "warmup_steps": "linear learning-rate warm-up steps",
     "final_lr_fraction": "learning rate at the last step, as a fraction of the peak",
     "weight_decay": "decoupled weight decay (adamw)",
     "momentum": "momentum; default 0.9 for sgd (Nesterov), 0.5 for kfac (heavy ball on the "
     "preconditioned update; 0.9 diverged on diffusion, see docs/kfac.md)",
     "damping": "K-FAC Tikhonov damping lambda (kfac)",
+    "statistics_every": "K-FAC curvature statistics period in steps (kfac)",
+    "statistics_examples": "K-FAC: curvature statistics from the first N examples of each batch "
+    "(kfac; 'none': all)",
     "inverse_every": "K-FAC inverse refresh period in steps (kfac)",
+    "inverse_method": "K-FAC factor inverses: eigh, or cholesky (much faster under XLA) (kfac)",
     "global_clipnorm": "clip the global gradient norm to this value; 'none' disables",
     "batch_size": "training batch size",
     "epochs": "training epochs",

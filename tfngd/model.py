@@ -27,14 +27,12 @@ evaluation bank; ``test_step`` then uses the given ``t`` and ``noise``).
 
 from __future__ import annotations
 
-import contextlib
-
 import keras
 import tensorflow as tf
 
 from tfngd import samplers
 from tfngd.gaussian_diffusion import GaussianDiffusion
-from tfngd.optimizers.training import kfac_of
+from tfngd.optimizers.training import ForwardPass, gradients_and_curvature, kfac_of
 from tfngd.timestep_sampling import make_timestep_sampler
 
 # Indices of the stateless random streams drawn at each step.
@@ -172,19 +170,25 @@ class DiffusionModel(keras.Model):
         return tf.stack([tf.constant(self.seed, tf.int64) * 1000003 + stream, step])
 
     # -- objective -----------------------------------------------------------
-    def denoising_loss(self, denoiser, x0, t, noise, label, importance_weights, training):
-        """Returns ``(objective, per_example_loss, output)``.
+    def denoising_loss(self, denoiser, x0, t, noise, label, importance_weights,
+                       training) -> ForwardPass:
+        """The objective ``mean_n w_is(t_n) L_n`` as a :class:`ForwardPass`.
 
-        ``per_example_loss`` includes the Min-SNR weight (it is what the
-        importance sampler records); ``objective`` also includes the
-        importance weights; ``output`` is the denoiser's prediction.
+        ``extras["per_example"]`` is ``L_n = w_snr(t_n) mean_D ||target - f||^2``
+        (what the importance sampler records). The objective is the Gaussian
+        likelihood ``mean_n s_n ||target_n - f_n||^2`` with
+        ``s_n = w_is w_snr / D`` whose Fisher K-FAC approximates (the Fisher does
+        not depend on the target, so eps, x0 and v prediction share it).
         """
         x_t = self.diffusion.q_sample(x0, t, noise)
         output = denoiser(self._denoiser_inputs(x_t, t, label), training=training)
-        per_example = (self.diffusion.per_example_loss(output, x0, noise, t)
-                       * self.diffusion.loss_weights(t))
+        snr_weights = self.diffusion.loss_weights(t)
+        per_example = self.diffusion.per_example_loss(output, x0, noise, t) * snr_weights
         objective = tf.reduce_mean(per_example * importance_weights)
-        return objective, per_example, output
+        elements = tf.cast(tf.reduce_prod(tf.shape(output)[1:]), tf.float32)
+        return ForwardPass(objective, output, "gaussian",
+                           per_example_scale=importance_weights * snr_weights / elements,
+                           extras={"per_example": per_example})
 
     def _update_quartiles(self, per_example, t):
         quartile = tf.minimum(t * 4 // self.diffusion.num_timesteps, 3)
@@ -204,23 +208,11 @@ class DiffusionModel(keras.Model):
             label = tf.where(drop < self.class_dropout, self.null_label, tf.cast(label, tf.int32))
 
         variables = self.denoiser.trainable_variables
-        kfac = kfac_of(self.optimizer)
-        capture = kfac.capture() if kfac is not None else contextlib.nullcontext()
-        with tf.GradientTape(persistent=kfac is not None) as tape:
-            with capture as captured:
-                objective, per_example, output = self.denoising_loss(
-                    self.denoiser, x0, t, noise, label, importance_weights, training=True
-                )
-            scaled = self.optimizer.scale_loss(objective)
-        gradients = tape.gradient(scaled, variables)
-        if kfac is not None:
-            # objective = mean_n s_n ||target_n - f_n||^2 with s_n = w_is * w_snr / D:
-            # the Gaussian likelihood whose Fisher K-FAC approximates.
-            elements = tf.cast(tf.reduce_prod(tf.shape(output)[1:]), tf.float32)
-            scale = importance_weights * self.diffusion.loss_weights(t) / elements
-            kfac.update_curvature(tape, captured, output, "gaussian", per_example_scale=scale,
-                                  loss=objective)
-        del tape
+        gradients, result = gradients_and_curvature(
+            self.optimizer, variables,
+            lambda: self.denoising_loss(self.denoiser, x0, t, noise, label, importance_weights,
+                                        training=True))
+        objective, per_example = result.loss, result.extras["per_example"]
         self.optimizer.apply(gradients, variables)
         self.update_ema()
         self.timestep_sampler.update(t, per_example)
@@ -240,10 +232,11 @@ class DiffusionModel(keras.Model):
         if noise is None:
             noise = tf.random.stateless_normal(tf.shape(x0), seed=self._step_seed(_STREAM_NOISE))
         denoiser = self.ema_denoiser if self.evaluate_with_ema else self.denoiser
-        objective, per_example, _ = self.denoising_loss(
+        result = self.denoising_loss(
             denoiser, x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32), label,
             tf.ones([batch]), training=False,
         )
+        objective, per_example = result.loss, result.extras["per_example"]
         self.loss_tracker.update_state(objective, sample_weight=tf.cast(batch, tf.float32))
         self._update_quartiles(per_example, t)
         return {m.name: m.result() for m in self.metrics[:-1]}

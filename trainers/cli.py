@@ -10,8 +10,21 @@ import typing
 from tfngd.config import OPTION_HELP, TrainConfig
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` to options whose help does not already state it."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parse_optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off", "") else float(text)
+
+
+def _parse_optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "off", "") else int(text)
 
 
 def _parse_int_tuple(text: str) -> tuple[int, ...]:
@@ -36,7 +49,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig)
         elif hint == (float | None):
             group.add_argument(flag, type=_parse_optional_float, default=default, help=help_text)
         elif hint == (int | None):
-            group.add_argument(flag, type=int, default=default, help=help_text)
+            group.add_argument(flag, type=_parse_optional_int, default=default, help=help_text)
         elif hint == (str | None):
             group.add_argument(flag, type=str, default=default, help=help_text)
         else:

@@ -11,9 +11,10 @@ PROGRAM = "tfngd-export"
 
 def build_parser() -> argparse.ArgumentParser:
     from tfngd import samplers
+    from trainers import cli
 
     parser = argparse.ArgumentParser(
-        prog=PROGRAM, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=PROGRAM, formatter_class=cli.HelpFormatter,
         description="Write <export-root>/<name>/<version>/, a SavedModel whose serving_default "
         "signature takes num_samples, seed and num_steps (plus label and guidance_scale for "
         "conditional models) and returns samples.",

@@ -11,9 +11,10 @@ PROGRAM = "tfngd-sample"
 
 def build_parser() -> argparse.ArgumentParser:
     from tfngd import samplers
+    from trainers import cli
 
     parser = argparse.ArgumentParser(
-        prog=PROGRAM, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=PROGRAM, formatter_class=cli.HelpFormatter,
         description="Draw samples and write them as a PNG grid (images) or scatter plot (2-D).",
     )
     source = parser.add_mutually_exclusive_group(required=True)

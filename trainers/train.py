@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROGRAM,
         description="Train a DDPM-style diffusion model with model.fit. Re-running with the "
         "same --run-dir resumes from its last checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--run-dir", default=None,
                         help="output directory (default: runs/<dataset>)")

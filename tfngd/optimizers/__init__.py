@@ -5,22 +5,31 @@
   forward-pass capture of their inputs and pre-activations;
 * :mod:`~tfngd.optimizers.kfac`: the ``KFAC`` optimizer (statistics, damping,
   inverses, update rule);
-* :mod:`~tfngd.optimizers.training`: ``NaturalGradientModel``, whose
-  ``train_step`` drives the curvature updates in ``model.fit``.
+* :mod:`~tfngd.optimizers.training`: ``gradients_and_curvature`` (the K-FAC
+  train-step sequence) and ``NaturalGradientModel``, whose ``train_step``
+  drives the curvature updates in ``model.fit``.
 """
 
 from tfngd.optimizers.capture import LayerCall, capture_layer_calls, find_registrable_layers
 from tfngd.optimizers.curvature_blocks import Conv2DBlock, DenseBlock, GroupNormBlock
 from tfngd.optimizers.kfac import KFAC
-from tfngd.optimizers.training import NaturalGradientModel
+from tfngd.optimizers.training import (
+    ForwardPass,
+    NaturalGradientModel,
+    gradients_and_curvature,
+    kfac_of,
+)
 
 __all__ = [
     "KFAC",
     "Conv2DBlock",
     "DenseBlock",
+    "ForwardPass",
     "GroupNormBlock",
     "LayerCall",
     "NaturalGradientModel",
     "capture_layer_calls",
     "find_registrable_layers",
+    "gradients_and_curvature",
+    "kfac_of",
 ]

@@ -206,6 +206,10 @@ class CurvatureBlock:
         """The optimizer variables holding the running (uncorrected) statistics."""
         raise NotImplementedError
 
+    def cached_state(self) -> list:
+        """The optimizer variables holding the cached inverses / decompositions."""
+        return []
+
     def update_inverse(self, damping, correction) -> tf.Tensor:
         """Refresh the cached decomposition; returns whether it succeeded.
 
@@ -269,6 +273,11 @@ class KroneckerFactoredBlock(CurvatureBlock):
     @property
     def running_statistics(self) -> list:
         return [self.a_factor, self.g_factor, self.positions]
+
+    def cached_state(self) -> list:
+        if self.damping_mode == "pi":
+            return [self.a_inverse, self.g_inverse]
+        return [self.a_eigenvectors, self.a_eigenvalues, self.g_eigenvectors, self.g_eigenvalues]
 
     def accumulate_statistics(self, statistics, decay) -> None:
         a_batch, g_batch, positions = statistics

@@ -157,9 +157,16 @@ class KFAC(keras.optimizers.Optimizer):
         slow Jacobi iteration; see docs/kfac.md). Defaults to ``"eigh"``.
       fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see above). Defaults to ``"mc"``.
       mc_samples: probes per example for ``fisher="mc"``. Defaults to 1.
+      statistics_examples: fold only the first ``M`` examples of each batch into
+        the factors (None: all). The factors are means over examples, so a
+        subset is an unbiased estimate; the cost of the factor products (for a
+        convolution, ``N R (k^2 C_in)^2``: most of the statistics time of a U-Net)
+        drops by ``M / N``, the probe backward pass does not. Batches must be
+        shuffled (the first ``M`` then are a random subset). Defaults to None.
       statistics_decay: EMA decay of the factors, with bias correction
         ``1 / (1 - decay^k)`` (decay 0 uses the last batch only). Defaults to 0.95.
-      statistics_every: update the factors every ``k`` steps. Defaults to 1.
+      statistics_every: update the factors every ``k`` steps (and at every step of
+        the inverse warm-up). Defaults to 1.
       inverse_every: refresh the decompositions every ``T`` steps. Defaults to 10.
       inverse_warmup_steps: refresh at every step during the first steps: early
         on the factors move fast (zero-initialised layers leave ``G = 0`` upstream
@@ -194,6 +201,7 @@ class KFAC(keras.optimizers.Optimizer):
         inverse_method: str = "eigh",
         fisher: str = "mc",
         mc_samples: int = 1,
+        statistics_examples: int | None = None,
         statistics_decay: float = 0.95,
         statistics_every: int = 1,
         inverse_every: int = 10,
@@ -246,6 +254,10 @@ class KFAC(keras.optimizers.Optimizer):
                            ("inverse_every", inverse_every)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value}")
+        if statistics_examples is not None and (int(statistics_examples) != statistics_examples
+                                                or statistics_examples < 1):
+            raise ValueError(f"statistics_examples must be None or an integer >= 1, "
+                             f"got {statistics_examples}")
         if int(inverse_warmup_steps) != inverse_warmup_steps or inverse_warmup_steps < 0:
             raise ValueError(f"inverse_warmup_steps must be an integer >= 0, "
                              f"got {inverse_warmup_steps}")
@@ -254,6 +266,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.inverse_method = inverse_method
         self.fisher = fisher
         self.mc_samples = int(mc_samples)
+        self.statistics_examples = None if statistics_examples is None else int(statistics_examples)
         self.statistics_decay = float(statistics_decay)
         self.statistics_every = int(statistics_every)
         self.inverse_every = int(inverse_every)
@@ -425,7 +438,8 @@ class KFAC(keras.optimizers.Optimizer):
           per_example_scale: ``s_n``, see :meth:`output_probes`.
           loss: the mean-over-examples objective; required for ``fisher="empirical"``.
 
-        Runs every ``statistics_every`` steps (a no-op otherwise). Non-finite
+        Runs every ``statistics_every`` steps and during the inverse warm-up (a
+        no-op otherwise). Non-finite
         statistics are not accumulated and make the next ``apply`` skip its update.
         """
         registration = self._require_registration()
@@ -453,6 +467,7 @@ class KFAC(keras.optimizers.Optimizer):
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
                     for v in self.output_probes(outputs, likelihood, per_example_scale)
                 ]
+            subset = self._example_subset
             statistics = []
             for block in registration.blocks:
                 indices = [i for i, c in enumerate(calls) if c.layer is block.layer]
@@ -460,8 +475,8 @@ class KFAC(keras.optimizers.Optimizer):
                     statistics.append(None)
                     continue
                 statistics.append(block.batch_statistics(
-                    [calls[i].inputs for i in indices],
-                    [[grads[i] for grads in probe_grads] for i in indices],
+                    [subset(calls[i].inputs) for i in indices],
+                    [[subset(grads[i]) for grads in probe_grads] for i in indices],
                 ))
             finite = _all_finite([s for stats in statistics if stats for s in stats])
 
@@ -479,7 +494,19 @@ class KFAC(keras.optimizers.Optimizer):
         if self.statistics_every == 1:
             collect()
         else:
-            _run_if(tf.equal(self.iterations % self.statistics_every, 0), collect)
+            _run_if(self._statistics_due(), collect)
+
+    def _example_subset(self, tensor):
+        """The first ``statistics_examples`` examples (batch axis first), or all of them."""
+        if self.statistics_examples is None:
+            return tensor
+        return tensor[: self.statistics_examples]
+
+    def _statistics_due(self) -> tf.Tensor:
+        """Every ``statistics_every`` steps, and at every step of the inverse warm-up
+        (whose per-step refreshes would otherwise re-invert unchanged factors)."""
+        return tf.logical_or(tf.equal(self.iterations % self.statistics_every, 0),
+                             self.iterations < self.inverse_warmup_steps)
 
     # -- update ------------------------------------------------------------------
     def _fallback_lr(self):
@@ -632,6 +659,33 @@ class KFAC(keras.optimizers.Optimizer):
                 result[f"kfac/{block.name}/{key}"] = tf.convert_to_tensor(value)
         return result
 
+    def state_sizes(self) -> dict[str, int]:
+        """Number of float32 values of optimizer state, by kind (after ``build``).
+
+        ``factors``: running ``A``/``G`` factors and GroupNorm Fisher diagonals;
+        ``inverses``: the cached damped inverses or eigendecompositions;
+        ``momentum``: the heavy-ball buffers of the preconditioned variables;
+        ``fallback``: the Adam moments of variables without a block. Scalars
+        (counters, damping, spectra) are left out.
+        """
+        if not self.built:
+            raise ValueError("the optimizer is not built yet")
+
+        def count(variables):
+            return int(sum(math.prod(v.shape) for v in variables
+                           if v is not None and len(v.shape) > 0))
+
+        factors = [v for block in self.blocks for v in block.running_statistics]
+        factor_keys = {self._var_key(v) for v in factors}
+        caches = [v for block in self.blocks for v in block.cached_state()
+                  if self._var_key(v) not in factor_keys]
+        return {
+            "factors": count(factors),
+            "inverses": count(caches),
+            "momentum": count(self._momentums),
+            "fallback": count([v for moments in self._fallback_moments for v in moments]),
+        }
+
     # -- serialisation -----------------------------------------------------------
     def get_config(self):
         config = super().get_config()
@@ -644,6 +698,7 @@ class KFAC(keras.optimizers.Optimizer):
             "inverse_method": self.inverse_method,
             "fisher": self.fisher,
             "mc_samples": self.mc_samples,
+            "statistics_examples": self.statistics_examples,
             "statistics_decay": self.statistics_decay,
             "statistics_every": self.statistics_every,
             "inverse_every": self.inverse_every,

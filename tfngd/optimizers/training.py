@@ -21,6 +21,10 @@ Usage (functional or subclassed)::
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
 import keras
 import tensorflow as tf
 
@@ -40,6 +44,51 @@ def kfac_of(optimizer) -> KFAC | None:
         return optimizer
     inner = getattr(optimizer, "inner_optimizer", None)
     return inner if isinstance(inner, KFAC) else None
+
+
+@dataclasses.dataclass
+class ForwardPass:
+    """What a training forward pass hands to :func:`gradients_and_curvature`.
+
+    ``loss`` is the mean-over-examples objective that is differentiated;
+    ``outputs`` the model output the likelihood is defined on; the Fisher's
+    per-example scale ``s_n`` and likelihood are those of
+    :meth:`KFAC.output_probes`. ``extras`` carries anything else the caller
+    needs back (predictions, per-example losses).
+    """
+
+    loss: tf.Tensor
+    outputs: tf.Tensor
+    likelihood: str = "gaussian"
+    per_example_scale: tf.Tensor | float | None = None
+    extras: dict = dataclasses.field(default_factory=dict)
+
+
+def gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardPass]):
+    """Gradients of ``forward().loss``; with K-FAC, also this step's curvature statistics.
+
+    The one place that spells out the K-FAC train-step sequence (used by
+    :class:`NaturalGradientModel` and :class:`tfngd.model.DiffusionModel`)::
+
+        with persistent tape, optimizer.capture():  forward pass
+        gradients = tape.gradient(scaled loss)
+        kfac.update_curvature(tape, captured, outputs, likelihood, s_n, loss)
+
+    With any other optimizer it is a plain tape. Returns ``(gradients,
+    forward_pass)``; the caller then runs ``optimizer.apply(gradients, variables)``.
+    """
+    kfac = kfac_of(optimizer)
+    capture = kfac.capture() if kfac is not None else contextlib.nullcontext()
+    with tf.GradientTape(persistent=kfac is not None) as tape:
+        with capture as captured:
+            result = forward()
+        scaled_loss = optimizer.scale_loss(result.loss)
+    gradients = tape.gradient(scaled_loss, variables)
+    if kfac is not None:
+        kfac.update_curvature(tape, captured, result.outputs, result.likelihood,
+                              per_example_scale=result.per_example_scale, loss=result.loss)
+    del tape
+    return gradients, result
 
 
 def likelihood_of_loss(loss) -> str:
@@ -102,26 +151,24 @@ class NaturalGradientModel(keras.Model):
         if optimizer is None:
             return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape(persistent=True) as tape:
-            with optimizer.capture() as captured:
-                y_pred = self(x, training=True)
+
+        def forward():
+            y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                      training=True)
-            scaled_loss = self.optimizer.scale_loss(loss)
-        variables = self.trainable_variables
-        gradients = tape.gradient(scaled_loss, variables)
-        if optimizer.fisher == "empirical":
-            optimizer.update_curvature(tape, captured, y_pred, loss=loss)
-        else:
+            if optimizer.fisher == "empirical":
+                return ForwardPass(loss, y_pred)
             likelihood = likelihood_of_loss(self.loss)
-            optimizer.update_curvature(
-                tape, captured, y_pred, likelihood,
-                per_example_scale=self._per_example_scale(likelihood, y_pred, sample_weight))
-        del tape
+            return ForwardPass(loss, y_pred, likelihood,
+                               self._per_example_scale(likelihood, y_pred, sample_weight))
+
+        variables = self.trainable_variables
+        gradients, result = gradients_and_curvature(self.optimizer, variables, forward)
         self.optimizer.apply(gradients, variables)
+        y_pred = result.outputs
         for metric in self.metrics:
             if metric.name == "loss":
-                metric.update_state(loss, sample_weight=tf.shape(y_pred)[0])
+                metric.update_state(result.loss, sample_weight=tf.shape(y_pred)[0])
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
