@@ -82,3 +82,37 @@ def test_kfac_diagnostics_reach_tensorboard(tmp_path):
     assert tags["kfac/damping"] == [2, 4]
     assert "kfac/update_scale" in tags and "kfac/skipped_updates" in tags
     assert any(tag.endswith("A_eig_max") for tag in tags)
+
+
+def test_curvature_timing_splits_step_times_by_scheduled_work(tmp_path):
+    """The callback files each step's time under the work K-FAC's schedule says was due;
+    the schedule mirror (``work_due``) agrees with what the optimizer did in the graph."""
+    from tfngd.callbacks import DiffusionTensorBoard
+
+    keras.utils.set_random_seed(0)
+    model = DiffusionModel(build_mlp_denoiser(2, hidden_units=16, num_blocks=1),
+                           GaussianDiffusion("cosine", 50))
+    optimizer = KFAC(learning_rate=0.05, damping=1e-2, statistics_every=2, inverse_every=4,
+                     inverse_warmup_steps=0)
+    model.compile(optimizer=optimizer)
+    callback = DiffusionTensorBoard(str(tmp_path), sample_every_epochs=0)
+    x0 = np.random.default_rng(0).normal(size=(64, 2)).astype("float32")
+    refreshes = []
+
+    class RecordRefreshes(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            refreshes.append(int(optimizer.diagnostics()["kfac/inverse_refreshes"]))
+
+    model.fit(x0, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[callback, RecordRefreshes()])
+    due = [optimizer.work_due(step) for step in range(8)]
+    assert due == [(True, True), (False, False), (True, False), (False, False),
+                   (True, True), (False, False), (True, False), (False, False)]
+    assert refreshes == [1, 1, 1, 1, 2, 2, 2, 2]  # the graph refreshed at steps 0 and 4
+    # Step 0 traces and is left out: update steps 1, 3, 5, 7; statistics 2, 6; inverse 4.
+    assert [len(callback._kfac_step_seconds[k]) for k in ("update", "statistics", "inverse")] \
+        == [4, 2, 1]
+    timing = callback._curvature_timing()
+    assert set(timing) == {"kfac/time_update_step_ms", "kfac/time_statistics_ms",
+                           "kfac/time_inverse_ms"}
+    assert all(np.isfinite(v) for v in timing.values()) and timing["kfac/time_update_step_ms"] > 0

@@ -11,7 +11,9 @@
   ``step_time_seconds`` (mean wall-clock time of a training step over the
   epoch; the first epoch includes tracing; each step is waited for, so the
   time is honest on accelerators) and, with ``batch_size`` given,
-  ``examples_per_second``;
+  ``examples_per_second``; with a K-FAC optimizer, ``kfac/time_*_ms``: the mean
+  step without curvature work and the extra time of statistics and inverse
+  steps, from the epoch's step times (see ``_curvature_timing``);
 * every ``update_freq`` steps (when it is an integer), the same scalars of
   the running epoch under ``batch/<name>``;
 * every ``sample_every_epochs`` epochs, an image ``samples``: a grid (image
@@ -33,6 +35,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfngd import images, samplers
+from tfngd.optimizers.training import kfac_of
+
+# Kinds of K-FAC steps whose wall-clock times are averaged separately (see _curvature_timing).
+_KFAC_STEP_KINDS = ("update", "statistics", "inverse")
 
 _VAL_PREFIX = "val_"
 
@@ -151,6 +157,8 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
         self._writers: dict[str, tf.summary.SummaryWriter] = {}
         self._reset_timer(0)
         self._batch_start = None
+        self._batch_step = 0
+        self._first_batch = True
         self._last_batch_write = 0
 
     # -- writers -------------------------------------------------------------
@@ -176,6 +184,38 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
         self._epoch_seconds = 0.0
         self._epoch_steps = 0
         self._timer_step = step
+        self._kfac_step_seconds = {kind: [] for kind in _KFAC_STEP_KINDS}
+
+    def _record_kfac_step(self, step_before: int, seconds: float) -> None:
+        """File one step's time under the curvature work K-FAC scheduled for it."""
+        kfac = kfac_of(self.model.optimizer)
+        if kfac is None or not kfac.built:
+            return
+        statistics, inverse = kfac.work_due(step_before)
+        kind = "inverse" if inverse else "statistics" if statistics else "update"
+        self._kfac_step_seconds[kind].append(seconds)
+
+    def _curvature_timing(self) -> dict:
+        """``kfac/time_*_ms``: where a K-FAC step's time goes, from this epoch's step times.
+
+        ``time_update_step_ms`` is the mean step with no curvature work due (forward,
+        backward, preconditioned update); ``time_statistics_ms`` the extra time of a
+        step that also updates the factors; ``time_inverse_ms`` the extra time of a
+        step that also refreshes the inverses (over a statistics step). Differences of
+        means, so only as good as the number of steps of each kind in the epoch.
+        """
+        means = {kind: float(np.mean(times)) for kind, times in self._kfac_step_seconds.items()
+                 if times}
+        scalars = {}
+        if "update" in means:
+            scalars["kfac/time_update_step_ms"] = 1000.0 * means["update"]
+            if "statistics" in means:
+                scalars["kfac/time_statistics_ms"] = 1000.0 * (means["statistics"]
+                                                               - means["update"])
+        below = means.get("statistics", means.get("update"))
+        if "inverse" in means and below is not None:
+            scalars["kfac/time_inverse_ms"] = 1000.0 * (means["inverse"] - below)
+        return scalars
 
     def _extra_scalars(self, seconds_per_step: float | None) -> dict:
         scalars = {"learning_rate": current_learning_rate(self.model.optimizer)}
@@ -193,11 +233,13 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
     # -- Keras hooks ---------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._last_batch_write = _current_step(self.model)
+        self._first_batch = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._reset_timer(_current_step(self.model))
 
     def on_train_batch_begin(self, batch, logs=None):
+        self._batch_step = _current_step(self.model)
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -211,6 +253,9 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
         self._timer_step = step
         self._epoch_seconds += seconds
         self._epoch_steps += steps
+        if steps == 1 and not self._first_batch:
+            self._record_kfac_step(self._batch_step, seconds)
+        self._first_batch = False  # the first call of fit traces the train function
         if self.update_freq == "epoch" or step // self.update_freq <= (
             self._last_batch_write // self.update_freq
         ):
@@ -229,6 +274,7 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
                if k.startswith(_VAL_PREFIX)}
         mean_step = self._epoch_seconds / self._epoch_steps if self._epoch_steps else None
         train.update(self._extra_scalars(mean_step))
+        train.update(self._curvature_timing())
         self._write_scalars("train", train, step)
         if val:
             self._write_scalars("validation", val, step)

@@ -496,6 +496,14 @@ class KFAC(keras.optimizers.Optimizer):
         else:
             _run_if(self._statistics_due(), collect)
 
+    def work_due(self, step: int) -> tuple[bool, bool]:
+        """``(statistics, inverse refresh)`` due at the step with ``iterations == step``
+        (Python mirror of the in-graph schedule, for timing diagnostics; the refresh
+        that follows a failed or missing first refresh is not predicted)."""
+        warmup = step < self.inverse_warmup_steps
+        return (step % self.statistics_every == 0 or warmup,
+                step % self.inverse_every == 0 or warmup)
+
     def _example_subset(self, tensor):
         """The first ``statistics_examples`` examples (batch axis first), or all of them."""
         if self.statistics_examples is None:
