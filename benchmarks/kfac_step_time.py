@@ -31,32 +31,17 @@ import dataclasses
 import json
 import os
 import platform
-import time
 
 import keras
 import tensorflow as tf
 
+from benchmarks.train_throughput import MNIST_UNET, EpochTimer
 from tfngd import data as data_lib
 from tfngd.config import TrainConfig, build_model, build_optimizer
 from tfngd.optimizers import kfac_of
 
-TASK_OVERRIDES = {
-    "digits": {},
-    "mnist": {"channel_mults": (1, 2, 2), "attention_resolutions": (7,)},
-}
+TASK_OVERRIDES = {"digits": {}, "mnist": MNIST_UNET}
 NEVER = 10**9  # a period longer than any run: only step 0 (and the warm-up) is due
-
-
-class _EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def time_configuration(config: TrainConfig, splits, steps: int, **kfac_options) -> dict:
@@ -68,12 +53,12 @@ def time_configuration(config: TrainConfig, splits, steps: int, **kfac_options) 
     if kfac_of(optimizer) is not None:
         kfac_of(optimizer).inverse_warmup_steps = 0  # timing only: no per-step refresh phase
     model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
-    timer = _EpochTimer()
+    timer = EpochTimer()
     model.fit(data_lib.training_batches(splits.train, config.batch_size, 0), epochs=2,
               steps_per_epoch=steps, callbacks=[timer], verbose=0)
     kfac = kfac_of(model.optimizer)
-    row = {"ms_per_step": 1000.0 * timer.seconds[1] / steps,
-           "first_epoch_s": timer.seconds[0]}
+    row = {"ms_per_step": 1000.0 * timer.epoch_seconds[1] / steps,
+           "first_epoch_s": timer.epoch_seconds[0]}
     if kfac is not None:
         row["state_sizes"] = kfac.state_sizes()
         row["skipped_updates"] = int(kfac.skipped_updates.numpy())

@@ -22,7 +22,9 @@ from tfngd.config import TrainConfig, build_model, build_optimizer
 MNIST_UNET = {"channel_mults": (1, 2, 2), "attention_resolutions": (7,)}
 
 
-class _StepTimer(keras.callbacks.Callback):
+class EpochTimer(keras.callbacks.Callback):
+    """Wall-clock seconds of every epoch of ``fit`` (``epoch_seconds``)."""
+
     def __init__(self):
         super().__init__()
         self.epoch_seconds = []
@@ -42,7 +44,7 @@ def measure(dataset: str, jit_compile: bool, steps: int, batch_size: int, data_d
     splits = data_lib.load_dataset(dataset, data_dir=data_dir, seed=0)
     model = build_model(config, splits.data_shape, splits.num_classes)
     model.compile(optimizer=build_optimizer(config), jit_compile=jit_compile)
-    timer = _StepTimer()
+    timer = EpochTimer()
     model.fit(data_lib.training_batches(splits.train, batch_size, 0), epochs=2,
               steps_per_epoch=steps, callbacks=[timer], verbose=0)
     seconds = timer.epoch_seconds[-1]  # epoch 0 includes tracing/compilation

@@ -1,5 +1,6 @@
 """The command-line entry points, end to end on tiny models, and resume after a crash."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -21,6 +22,23 @@ TINY = [
 
 def read_png(path):
     return tf.io.decode_png(tf.io.read_file(str(path))).numpy()
+
+
+@contextlib.contextmanager
+def crash_after_first_checkpoint(monkeypatch):
+    """Within the block, training raises right after writing its first checkpoint."""
+    original = checkpointing.CheckpointCallback.on_epoch_end
+
+    def crash(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(checkpointing.CheckpointCallback, "on_epoch_end", crash)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(checkpointing.CheckpointCallback, "on_epoch_end", original)
 
 
 def test_train_sample_export_end_to_end(tmp_path, capsys):
@@ -65,18 +83,9 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatc
             "--sample-every-epochs", "0", "--timestep-sampler", "loss_second_moment"]
     assert train_cli.main([*args, "--run-dir", str(tmp_path / "straight")]) == 0
 
-    original = checkpointing.CheckpointCallback.on_epoch_end
-
-    def crash_after_first_checkpoint(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(checkpointing.CheckpointCallback, "on_epoch_end",
-                        crash_after_first_checkpoint)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_after_first_checkpoint(monkeypatch), pytest.raises(RuntimeError,
+                                                                  match="simulated crash"):
         train_cli.main([*args, "--run-dir", str(tmp_path / "crashed")])
-    monkeypatch.setattr(checkpointing.CheckpointCallback, "on_epoch_end", original)
     assert train_cli.main([*args, "--run-dir", str(tmp_path / "crashed")]) == 0
 
     straight, straight_info = _all_state(tmp_path / "straight")
@@ -140,18 +149,9 @@ def test_train_cli_with_kfac_trains_exports_and_resumes_exactly(tmp_path, monkey
     assert (export_root / "checkerboard" / "1" / "saved_model.pb").exists()
     assert read_png(tmp_path / "straight" / "samples.png").ndim == 3
 
-    original = checkpointing.CheckpointCallback.on_epoch_end
-
-    def crash_after_first_checkpoint(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(checkpointing.CheckpointCallback, "on_epoch_end",
-                        crash_after_first_checkpoint)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_after_first_checkpoint(monkeypatch), pytest.raises(RuntimeError,
+                                                                  match="simulated crash"):
         train_cli.main([*args, "--no-export", "--run-dir", str(tmp_path / "crashed")])
-    monkeypatch.setattr(checkpointing.CheckpointCallback, "on_epoch_end", original)
     assert train_cli.main([*args, "--no-export", "--run-dir", str(tmp_path / "crashed")]) == 0
 
     _, model, info = runs.load_trained_model(str(tmp_path / "straight"))

@@ -157,7 +157,6 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
         self._writers: dict[str, tf.summary.SummaryWriter] = {}
         self._reset_timer(0)
         self._batch_start = None
-        self._batch_step = 0
         self._first_batch = True
         self._last_batch_write = 0
 
@@ -239,7 +238,6 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
         self._reset_timer(_current_step(self.model))
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._batch_step = _current_step(self.model)
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -250,11 +248,11 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
         self._batch_start = None
         # One call covers steps_per_execution steps; a skipped (loss-scaled) step counts as one.
         steps = max(step - self._timer_step, 1)
+        if steps == 1 and not self._first_batch:
+            self._record_kfac_step(self._timer_step, seconds)  # the step's iterations before it
         self._timer_step = step
         self._epoch_seconds += seconds
         self._epoch_steps += steps
-        if steps == 1 and not self._first_batch:
-            self._record_kfac_step(self._batch_step, seconds)
         self._first_batch = False  # the first call of fit traces the train function
         if self.update_freq == "epoch" or step // self.update_freq <= (
             self._last_batch_write // self.update_freq
