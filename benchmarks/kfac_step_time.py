@@ -4,6 +4,8 @@
     python -m benchmarks.kfac_step_time --dataset digits --steps 20 \
         --statistics-examples 16 --inverse-method cholesky --measure-amortised 10 100
     python -m benchmarks.kfac_step_time --dataset mnist --steps 6
+    python -m benchmarks.kfac_step_time --dataset digits --steps 40 --approximation reduce \
+        --inverse-method cholesky --measure-amortised 10 100
 
 Every configuration trains the task's U-Net with ``model.fit`` for two epochs
 of ``--steps`` steps on the real data pipeline and times the second epoch
@@ -19,8 +21,9 @@ so ``statistics = (+stats) - base`` and ``inverse = (+inverse) - (+stats)``
 per occurrence, and a configuration with statistics every ``k`` and
 inverses every ``T`` steps costs ``base + statistics / k + inverse / T`` per
 step (amortised). ``--measure-amortised K T`` also times that configuration
-directly over ``max(steps, T)`` steps. Memory: float32 values of optimizer
-state from ``KFAC.state_sizes`` (Adam keeps two moments per parameter).
+directly over ``max(steps, T)`` steps; ``--repeats R`` times Adam and that
+configuration R times, alternating, and reports the median ratio. Memory:
+float32 values of optimizer state from ``KFAC.state_sizes`` (Adam keeps two moments per parameter).
 Writes JSON to ``benchmarks/results/kfac_step_time_<dataset>.json``.
 """
 
@@ -69,13 +72,15 @@ def time_configuration(config: TrainConfig, splits, steps: int, **kfac_options) 
 
 def measure(dataset: str, steps: int, amortised: tuple[int, int] | None, data_dir=None,
             inverse_method: str = "eigh", jit_compile: bool = False,
-            statistics_examples: int | None = None) -> dict:
+            statistics_examples: int | None = None, approximation: str = "expand",
+            repeats: int = 1) -> dict:
     splits = data_lib.load_dataset(dataset, data_dir=data_dir, seed=0)
     base = TrainConfig(dataset=dataset, data_dir=data_dir, warmup_steps=1, optimizer="adam",
                        jit_compile=jit_compile, **TASK_OVERRIDES[dataset])
     kfac = dataclasses.replace(base, optimizer="kfac", learning_rate=0.1,
                                inverse_method=inverse_method,
-                               statistics_examples=statistics_examples)
+                               statistics_examples=statistics_examples,
+                               kfac_approximation=approximation)
 
     def kfac_timing(statistics_every, inverse_every, steps_):
         return time_configuration(kfac, splits, steps_, statistics_every=statistics_every,
@@ -103,7 +108,7 @@ def measure(dataset: str, steps: int, amortised: tuple[int, int] | None, data_di
         schedules.append(tuple(amortised))
     result = {
         "dataset": dataset, "steps": steps, "inverse_method": inverse_method,
-        "statistics_examples": statistics_examples,
+        "statistics_examples": statistics_examples, "approximation": approximation,
         "jit_compile": jit_compile, "batch_size": base.batch_size, "params": rows["adam"]["params"],
         "timings": rows, "breakdown": breakdown,
         "amortised_predicted": [
@@ -114,12 +119,22 @@ def measure(dataset: str, steps: int, amortised: tuple[int, int] | None, data_di
     }
     if amortised:
         k, t = amortised
-        measured = kfac_timing(k, t, max(steps, t))
+        pairs = [(adam_ms, kfac_timing(k, t, max(steps, t))["ms_per_step"])]
+        for _ in range(repeats - 1):  # Adam and K-FAC alternate, so both see the same drift
+            pairs.append((time_configuration(base, splits, steps)["ms_per_step"],
+                          kfac_timing(k, t, max(steps, t))["ms_per_step"]))
+        ratios = sorted(kfac_ms / adam_ms_ for adam_ms_, kfac_ms in pairs)
+        median = ratios[len(ratios) // 2] if len(ratios) % 2 else (
+            0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]))
         result["amortised_measured"] = {
-            "statistics_every": k, "inverse_every": t, "ms_per_step": measured["ms_per_step"],
-            "ratio_to_adam": measured["ms_per_step"] / adam_ms}
-        print(f"[{dataset}] kfac k={k} T={t} measured {measured['ms_per_step']:.0f} ms/step "
-              f"({measured['ms_per_step'] / adam_ms:.2f}x Adam)", flush=True)
+            "statistics_every": k, "inverse_every": t, "ms_per_step": pairs[0][1],
+            "ratio_to_adam": pairs[0][1] / pairs[0][0],
+            "repeats": [{"adam_ms": a, "kfac_ms": m, "ratio": m / a} for a, m in pairs],
+            "median_ratio": median}
+        for adam_ms_, kfac_ms in pairs:
+            print(f"[{dataset}] kfac k={k} T={t} measured {kfac_ms:.0f} ms/step against Adam "
+                  f"{adam_ms_:.0f} ({kfac_ms / adam_ms_:.2f}x)", flush=True)
+        print(f"[{dataset}] median ratio over {len(pairs)} pairs: {median:.2f}x", flush=True)
     return result
 
 
@@ -131,21 +146,28 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--measure-amortised", type=int, nargs=2, metavar=("K", "T"),
                         default=None, help="also time statistics every K / inverses every T")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time (Adam, amortised K-FAC) this many times, alternating, and "
+                             "report the median ratio")
     parser.add_argument("--inverse-method", choices=("eigh", "cholesky"), default="eigh")
     parser.add_argument("--statistics-examples", type=int, default=None,
                         help="K-FAC statistics from the first N examples of each batch")
+    parser.add_argument("--approximation", choices=("expand", "reduce"), default="expand",
+                        help="K-FAC factors of shared weights (KFAC(approximation=...))")
     parser.add_argument("--jit", action="store_true", help="compile the train step with XLA")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     data_dir = args.data_dir if args.dataset == "mnist" else None
     result = measure(args.dataset, args.steps, args.measure_amortised, data_dir,
-                     args.inverse_method, args.jit, args.statistics_examples)
+                     args.inverse_method, args.jit, args.statistics_examples, args.approximation,
+                     args.repeats)
     result.update({"machine": platform.machine(), "cpus": os.cpu_count(),
                    "tensorflow": tf.__version__, "keras": keras.__version__,
                    "load_average_at_end": os.getloadavg()})
     suffix = ("_jit" if args.jit else "") + (
         f"_{args.inverse_method}" if args.inverse_method != "eigh" else "") + (
-        f"_m{args.statistics_examples}" if args.statistics_examples else "")
+        f"_m{args.statistics_examples}" if args.statistics_examples else "") + (
+        f"_{args.approximation}" if args.approximation != "expand" else "")
     output = args.output or f"benchmarks/results/kfac_step_time_{args.dataset}{suffix}.json"
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:

@@ -38,6 +38,8 @@ def test_defaults_are_valid():
         ({"zero_terminal_snr": True}, ["zero_terminal_snr", "'v'"]),
         ({"min_snr_gamma": -1.0}, ["min_snr_gamma"]),
         ({"batch_size": True}, ["batch_size"]),
+        ({"kfac_approximation": "pooled"}, ["kfac_approximation", "expand", "reduce"]),
+        ({"inverse_method": "svd"}, ["inverse_method", "eigh", "cholesky"]),
     ],
 )
 def test_invalid_values_name_the_option_and_the_allowed_range(changes, names):
@@ -80,6 +82,15 @@ def test_optimizers_are_keras_optimizers_with_clipping(name):
     optimizer = build_optimizer(TrainConfig(optimizer=name, global_clipnorm=0.5).validate())
     assert isinstance(optimizer, keras.optimizers.Optimizer)
     assert optimizer.global_clipnorm == 0.5
+
+
+def test_kfac_options_reach_the_optimizer():
+    config = TrainConfig(kfac_approximation="reduce", inverse_method="eigh",
+                         statistics_examples=8).validate()
+    optimizer = build_optimizer(config)
+    assert (optimizer.approximation, optimizer.inverse_method, optimizer.statistics_examples) == (
+        "reduce", "eigh", 8)
+    assert type(optimizer).from_config(optimizer.get_config()).approximation == "reduce"
 
 
 def test_build_model_picks_the_network_from_the_example_shape():

@@ -244,6 +244,57 @@ def test_conv_factors_match_explicit_im2col(kernel_size, stride, dilation, paddi
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel_size,stride,dilation,padding", CONV_CASES)
+def test_reduce_factors_are_the_exact_fisher_of_a_pooled_convolution(kernel_size, stride,
+                                                                       dilation, padding):
+    """K-FAC-reduce: A from position-averaged patches, G from position-summed gradients.
+
+    With global average pooling after the convolution, y_n = mean_r(a_nr) W + b, so
+    the exact Fisher of the mean squared error is (1/N sum_n a_n a_n^T) kron 2sI:
+    the reduce factors reproduce it exactly (and expand does not).
+    """
+    rng = np.random.default_rng(16)
+    n, filters = 3, 2
+    x = rng.normal(size=(n, 7, 6, 3)).astype("float32")
+    inputs = keras.Input((7, 6, 3))
+    conv = keras.layers.Conv2D(filters, kernel_size, strides=stride, dilation_rate=dilation,
+                               padding=padding, bias_initializer="random_normal")
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(conv(inputs)))
+    optimizer = exact_kfac(approximation="reduce").register(model)
+    curvature_step(model, optimizer, x, apply=False)
+    (block,) = optimizer.blocks
+
+    patches, positions = numpy_patches(x, kernel_size, stride, dilation, padding)
+    a = with_bias_column(patches.reshape(n, positions, -1).mean(axis=1))
+    np.testing.assert_allclose(block.a_factor.numpy(), a.T @ a / n, rtol=1e-5, atol=1e-6)
+    assert block.positions.numpy() == 1.0
+
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    jac = np.concatenate(
+        [tape.jacobian(outputs, conv.kernel).numpy().reshape(n, filters, -1),
+         tape.jacobian(outputs, conv.bias).numpy().reshape(n, filters, -1)], axis=2)
+    fisher = np.einsum("npi,npj->ij", jac, jac) * 2 * (1.0 / filters) / n
+    kronecker = block.positions.numpy() * np.kron(block.a_factor.numpy(),
+                                                  block.g_factor.numpy())
+    np.testing.assert_allclose(kronecker, fisher, rtol=1e-4, atol=1e-7)
+
+
+def test_reduce_equals_expand_without_weight_sharing_and_rejects_unknown_names():
+    model, _ = two_layer_model()
+    x = np.random.default_rng(17).normal(size=(5, 3)).astype("float32")
+    factors = {}
+    for approximation in ("expand", "reduce"):
+        optimizer = exact_kfac(approximation=approximation).register(model)
+        curvature_step(model, optimizer, x, apply=False)
+        factors[approximation] = [v.numpy() for b in optimizer.blocks
+                                  for v in b.running_statistics]
+    for expand, reduce in zip(factors["expand"], factors["reduce"], strict=True):
+        np.testing.assert_allclose(reduce, expand, rtol=1e-6)
+    with pytest.raises(ValueError, match="approximation must be one of"):
+        KFAC(approximation="mean")
+
+
 def test_unsupported_conv_configurations_raise_clear_errors():
     grouped = keras.layers.Conv2D(4, 3, groups=2)
     grouped.build((None, 6, 6, 4))

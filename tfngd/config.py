@@ -23,7 +23,7 @@ from tfngd import gaussian_diffusion as gd
 from tfngd import samplers, schedules, timestep_sampling
 from tfngd.model import DiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
-from tfngd.optimizers.curvature_blocks import INVERSE_METHODS
+from tfngd.optimizers.curvature_blocks import APPROXIMATIONS, INVERSE_METHODS
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "kfac")
 # Peak learning rate of each optimizer when --learning-rate is not given: Adam's and K-FAC's
@@ -75,6 +75,7 @@ class TrainConfig:
     statistics_examples: int | None = 16
     inverse_every: int = 100
     inverse_method: str = "cholesky"
+    kfac_approximation: str = "expand"
     global_clipnorm: float | None = 1.0
     batch_size: int = 64
     epochs: int = 30
@@ -168,6 +169,7 @@ class TrainConfig:
             integer("statistics_examples", self.statistics_examples, 1)
         integer("inverse_every", self.inverse_every, 1)
         choice("inverse_method", self.inverse_method, INVERSE_METHODS)
+        choice("kfac_approximation", self.kfac_approximation, APPROXIMATIONS)
         if self.global_clipnorm is not None:
             real("global_clipnorm", self.global_clipnorm, 0.0, 1e6, low_open=True)
         integer("batch_size", self.batch_size, 1, 65_536)
@@ -320,6 +322,7 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
         return KFAC(damping=config.damping, statistics_every=config.statistics_every,
                     statistics_examples=config.statistics_examples,
                     inverse_every=config.inverse_every, inverse_method=config.inverse_method,
+                    approximation=config.kfac_approximation,
                     momentum=0.5 if config.momentum is None else config.momentum,
                     seed=config.seed, **common)
     raise ConfigError(f"optimizer={config.optimizer!r} is not valid; choose one of: "
@@ -364,6 +367,8 @@ OPTION_HELP = {
     "(kfac; 'none': all)",
     "inverse_every": "K-FAC inverse refresh period in steps (kfac)",
     "inverse_method": "K-FAC factor inverses: eigh, or cholesky (much faster under XLA) (kfac)",
+    "kfac_approximation": "K-FAC factors of shared weights (convolutions, Dense over tokens): "
+    "expand (every position an example) or reduce (positions pooled first: cheaper) (kfac)",
     "global_clipnorm": "clip the global gradient norm to this value; 'none' disables",
     "batch_size": "training batch size",
     "epochs": "training epochs",

@@ -155,6 +155,12 @@ class KFAC(keras.optimizers.Optimizer):
         eigenvalue diagnostics) or ``"cholesky"`` (pi mode only: Cholesky
         inverses of the damped factors, much faster under XLA, whose ``eigh`` is a
         slow Jacobi iteration; see docs/kfac.md). Defaults to ``"eigh"``.
+      approximation: how weight sharing over ``R`` positions (convolutions, Dense
+        over tokens) is factored: ``"expand"`` (every position an example,
+        ``F ~= R (A kron G)``) or ``"reduce"`` (K-FAC-reduce, Eschenhagen et al.
+        2023: inputs averaged and output gradients summed over positions before
+        the products; ``R`` times cheaper factors). Same for ``R = 1``.
+        Defaults to ``"expand"``.
       fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see above). Defaults to ``"mc"``.
       mc_samples: probes per example for ``fisher="mc"``. Defaults to 1.
       statistics_examples: fold only the first ``M`` examples of each batch into
@@ -199,6 +205,7 @@ class KFAC(keras.optimizers.Optimizer):
         damping: float = 1e-3,
         damping_mode: str = "pi",
         inverse_method: str = "eigh",
+        approximation: str = "expand",
         fisher: str = "mc",
         mc_samples: int = 1,
         statistics_examples: int | None = None,
@@ -239,7 +246,7 @@ class KFAC(keras.optimizers.Optimizer):
         )
         if gradient_accumulation_steps:
             raise NotImplementedError("KFAC does not support gradient_accumulation_steps")
-        validate_modes(damping_mode, inverse_method)
+        validate_modes(damping_mode, inverse_method, approximation)
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
         if not damping > 0:
@@ -264,6 +271,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.initial_damping = float(damping)
         self.damping_mode = damping_mode
         self.inverse_method = inverse_method
+        self.approximation = approximation
         self.fisher = fisher
         self.mc_samples = int(mc_samples)
         self.statistics_examples = None if statistics_examples is None else int(statistics_examples)
@@ -322,7 +330,8 @@ class KFAC(keras.optimizers.Optimizer):
             raise NotImplementedError("KFAC runs on a single device (no cross-replica statistics)")
         var_keys = {self._var_key(v) for v in var_list}
         for layer in registration.resolve_layers():
-            block = block_type_for(layer)(layer, self.damping_mode, self.inverse_method)
+            block = block_type_for(layer)(layer, self.damping_mode, self.inverse_method,
+                                          self.approximation)
             if not all(self._var_key(v) in var_keys for v in block.variables):
                 continue  # not (entirely) trained by this optimizer: first-order fallback
             registration.blocks.append(block)
@@ -704,6 +713,7 @@ class KFAC(keras.optimizers.Optimizer):
             "damping": self.initial_damping,
             "damping_mode": self.damping_mode,
             "inverse_method": self.inverse_method,
+            "approximation": self.approximation,
             "fisher": self.fisher,
             "mc_samples": self.mc_samples,
             "statistics_examples": self.statistics_examples,
