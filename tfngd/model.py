@@ -190,8 +190,12 @@ class DiffusionModel(keras.Model):
                            per_example_scale=importance_weights * snr_weights / elements,
                            extras={"per_example": per_example})
 
+    def _quartile_of(self, t):
+        """The quartile (0..3, 0 = least noise) of the chain that each ``t`` lies in."""
+        return tf.minimum(t * 4 // self.diffusion.num_timesteps, 3)
+
     def _update_quartiles(self, per_example, t):
-        quartile = tf.minimum(t * 4 // self.diffusion.num_timesteps, 3)
+        quartile = self._quartile_of(t)
         for q, tracker in enumerate(self.quartile_trackers):
             tracker.update_state(per_example, sample_weight=tf.cast(quartile == q, tf.float32))
 
