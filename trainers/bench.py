@@ -25,11 +25,13 @@ DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "mnist")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainers import cli
+
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
         description="Benchmark optimizers on diffusion tasks with equal tuning budgets, several "
         "seeds, and steps and wall-clock seconds to a first-order target.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--tasks", nargs="+", default=["checkerboard", "8gaussians", "swissroll"],
                         help="tasks: checkerboard, 8gaussians, swissroll, digits, mnist "
