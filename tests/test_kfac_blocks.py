@@ -295,6 +295,56 @@ def test_reduce_equals_expand_without_weight_sharing_and_rejects_unknown_names()
         KFAC(approximation="mean")
 
 
+def dense_called_twice(combine, d_in=3, d_out=2, approximation="expand"):
+    """One Dense layer applied to both halves of a [N, 2, d_in] input; ``combine`` joins
+    the two outputs. Returns (model, layer, block after one exact-Fisher step, x)."""
+    rng = np.random.default_rng(18)
+    x = rng.normal(size=(5, 2, d_in)).astype("float32")
+    keras.utils.set_random_seed(19)
+    inputs = keras.Input((2, d_in))
+    layer = keras.layers.Dense(d_out, bias_initializer="random_normal")
+    model = keras.Model(inputs, combine(layer(inputs[:, 0]), layer(inputs[:, 1])))
+    optimizer = exact_kfac(approximation=approximation).register(model)
+    curvature_step(model, optimizer, x, apply=False)
+    (block,) = optimizer.blocks
+    return model, layer, block, x
+
+
+def exact_fisher_of_mse(model, layer, x):
+    """F = 1/N sum_n J_n^T (2/D) J_n for the Keras MSE over D output elements."""
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    n, size = x.shape[0], int(np.prod(outputs.shape[1:]))
+    jac = np.concatenate([tape.jacobian(outputs, layer.kernel).numpy().reshape(n, size, -1),
+                          tape.jacobian(outputs, layer.bias).numpy().reshape(n, size, -1)],
+                         axis=2)
+    return np.einsum("npi,npj->ij", jac, jac) * 2 / size / n
+
+
+def test_a_layer_called_twice_counts_both_calls_as_positions_of_the_same_examples():
+    """Expand: two calls on N examples are 2 positions each (R = 2, not 1); with each
+    call's output its own loss term, R (A kron G) is the exact Fisher."""
+    model, layer, block, x = dense_called_twice(lambda a, b: keras.ops.stack([a, b], axis=1))
+    assert block.positions.numpy() == 2.0
+    a = with_bias_column(x.reshape(-1, x.shape[-1]))
+    np.testing.assert_allclose(block.a_factor.numpy(), a.T @ a / a.shape[0], rtol=1e-5)
+    kronecker = block.positions.numpy() * np.kron(block.a_factor.numpy(),
+                                                  block.g_factor.numpy())
+    np.testing.assert_allclose(kronecker, exact_fisher_of_mse(model, layer, x),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_reduce_pools_over_the_calls_of_a_layer_called_twice():
+    """Reduce: y = W a_1 + W a_2 pools the calls before the loss, so the inputs
+    averaged and the gradients summed over both calls give the exact Fisher."""
+    model, layer, block, x = dense_called_twice(lambda a, b: a + b, approximation="reduce")
+    assert block.positions.numpy() == 1.0
+    a = with_bias_column(x.mean(axis=1))
+    np.testing.assert_allclose(block.a_factor.numpy(), a.T @ a / a.shape[0], rtol=1e-5)
+    np.testing.assert_allclose(np.kron(block.a_factor.numpy(), block.g_factor.numpy()),
+                               exact_fisher_of_mse(model, layer, x), rtol=1e-5, atol=1e-7)
+
+
 def test_unsupported_conv_configurations_raise_clear_errors():
     grouped = keras.layers.Conv2D(4, 3, groups=2)
     grouped.build((None, 6, 6, 4))

@@ -308,27 +308,55 @@ class KroneckerFactoredBlock(CurvatureBlock):
         self.positions.assign(positions)  # a shape property, not averaged
 
     def batch_statistics(self, inputs, output_gradients) -> list:
-        """``[A, G, R]`` of this batch (``R = 1`` for ``approximation="reduce"``)."""
-        reduce = self.approximation == "reduce"
+        """``[A, G, R]`` of this batch (``R = 1`` for ``approximation="reduce"``).
+
+        ``inputs``/``output_gradients`` hold one entry per call of the layer in the
+        forward pass (all calls on the same ``N`` examples). Expand counts the
+        ``R`` positions of all ``k`` calls as ``k R`` shared positions; reduce
+        averages the inputs and sums the output gradients over them, per example.
+        """
+        if self.approximation == "reduce":
+            return self._reduced_statistics(inputs, output_gradients)
         a_sum = tf.zeros((self.input_dim, self.input_dim), tf.float32)
         g_sum = tf.zeros((self.output_dim, self.output_dim), tf.float32)
         rows = tf.constant(0.0)
-        examples = tf.constant(0.0)
+        for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
+            a = self._input_rows(call_inputs)  # [N, R, kernel_rows]
+            a = self._with_bias_column(tf.reshape(a, (-1, self.kernel_rows)))
+            a_sum += tf.matmul(a, a, transpose_a=True)
+            for g in probe_gradients:
+                g = tf.reshape(_float32(g), (-1, self.output_dim))
+                g_sum += tf.matmul(g, g, transpose_a=True)
+            rows += tf.cast(tf.shape(a)[0], tf.float32)
+        rows = tf.maximum(rows, 1.0)
+        examples = tf.maximum(tf.cast(tf.shape(inputs[0])[0], tf.float32), 1.0)
+        return [a_sum / rows, g_sum / rows, rows / examples]
+
+    def _reduced_statistics(self, inputs, output_gradients) -> list:
+        """K-FAC-reduce over every shared position of every call: ``a_n`` the mean of
+        the ``k R`` input rows of example ``n``, ``g_n`` the sum of their gradients."""
+        a_calls, g_calls = [], None
         for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
             a = self._input_rows(call_inputs)  # [N, R, kernel_rows]
             batch = tf.shape(a)[0]
-            a = tf.reduce_mean(a, axis=1) if reduce else tf.reshape(a, (-1, self.kernel_rows))
-            if self.has_bias:
-                a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
-            a_sum += tf.matmul(a, a, transpose_a=True)
-            for g in probe_gradients:
-                g = tf.reshape(_float32(g), (batch, -1, self.output_dim))
-                g = tf.reduce_sum(g, axis=1) if reduce else tf.reshape(g, (-1, self.output_dim))
-                g_sum += tf.matmul(g, g, transpose_a=True)
-            rows += tf.cast(tf.shape(a)[0], tf.float32)
-            examples += tf.cast(batch, tf.float32)
-        rows = tf.maximum(rows, 1.0)
-        return [a_sum / rows, g_sum / rows, rows / tf.maximum(examples, 1.0)]
+            a_calls.append(self._with_bias_column(tf.reduce_mean(a, axis=1)))
+            g_call = [tf.reduce_sum(tf.reshape(_float32(g), (batch, -1, self.output_dim)), axis=1)
+                      for g in probe_gradients]
+            g_calls = g_call if g_calls is None else [
+                total + g for total, g in zip(g_calls, g_call, strict=True)]
+        a = tf.add_n(a_calls) / float(len(a_calls))
+        examples = tf.maximum(tf.cast(tf.shape(a)[0], tf.float32), 1.0)
+        g_sum = tf.zeros((self.output_dim, self.output_dim), tf.float32)
+        for g in g_calls:
+            g_sum += tf.matmul(g, g, transpose_a=True)
+        return [tf.matmul(a, a, transpose_a=True) / examples, g_sum / examples,
+                tf.constant(1.0)]
+
+    def _with_bias_column(self, a) -> tf.Tensor:
+        """``a_bar``: the rows with a 1 appended when the layer has a bias."""
+        if self.has_bias:
+            return tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
+        return a
 
     # -- inverse ---------------------------------------------------------------
     def update_inverse(self, damping, correction) -> tf.Tensor:
@@ -501,7 +529,6 @@ class GroupNormBlock(CurvatureBlock):
 
     def batch_statistics(self, inputs, output_gradients) -> list:
         sums = [tf.zeros((self.channels,), tf.float32) for _ in self.variables]
-        examples = tf.constant(0.0)
         for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
             x_hat = self.normalized_inputs(call_inputs)
             for dy in probe_gradients:
@@ -513,8 +540,10 @@ class GroupNormBlock(CurvatureBlock):
                     per_example.append(tf.reduce_sum(dy, axis=1))  # beta
                 sums = [s + tf.reduce_sum(tf.square(p), axis=0)
                         for s, p in zip(sums, per_example, strict=True)]
-            examples += tf.cast(tf.shape(call_inputs)[0], tf.float32)
-        return [s / tf.maximum(examples, 1.0) for s in sums]
+        # Every call's terms count for the same N examples (the calls' sums are treated as
+        # independent, the diagonal analogue of expand's extra positions).
+        examples = tf.maximum(tf.cast(tf.shape(inputs[0])[0], tf.float32), 1.0)
+        return [s / examples for s in sums]
 
     def update_inverse(self, damping, correction) -> tf.Tensor:
         diagonal = tf.concat([f * correction for f in self.fisher_diagonals], axis=0)
