@@ -16,7 +16,7 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="tfngd")
 class SinusoidalTimeEmbedding(keras.layers.Layer):
-    """Transformer-style embedding of integer timesteps (Vaswani et al. 2017; Ho et al. 2020).
+    """Transformer-style embedding of timesteps (Vaswani et al. 2017; Ho et al. 2020).
 
     ``emb[t, i] = sin(t * w_i)`` for the first half and ``cos(t * w_i)`` for
     the second, with ``w_i = max_period ** (-i / (dim / 2))``.
@@ -162,9 +162,22 @@ def time_embedding_mlp(t, base_dim: int, emb_dim: int):
     return keras.layers.Dense(emb_dim, name="time_dense2")(emb)
 
 
-def conditioning_inputs(emb_dim: int, base_dim: int, num_classes: int | None):
-    """The ``t`` (and label) inputs and the embedding they produce."""
-    t = keras.Input(shape=(), dtype="int32", name="t")
+TIME_DTYPES = ("int32", "float32")
+
+
+def conditioning_inputs(emb_dim: int, base_dim: int, num_classes: int | None,
+                        time_dtype: str = "int32"):
+    """The ``t`` (and label) inputs and the embedding they produce.
+
+    ``time_dtype`` ``"int32"`` takes the discrete timestep index; ``"float32"``
+    takes a real-valued time on the same scale (continuous-time training,
+    :mod:`tfngd.sde`), so that the network, and the probability-flow ODE's
+    right-hand side, is smooth in ``t`` instead of piecewise constant.
+    """
+    if time_dtype not in TIME_DTYPES:
+        raise ValueError(f"time_dtype must be one of {', '.join(TIME_DTYPES)}, "
+                         f"got {time_dtype!r}")
+    t = keras.Input(shape=(), dtype=time_dtype, name="t")
     emb = time_embedding_mlp(t, base_dim, emb_dim)
     if num_classes is None:
         return [t], emb

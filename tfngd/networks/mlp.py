@@ -13,18 +13,20 @@ def build_mlp_denoiser(
     hidden_units: int = 256,
     num_blocks: int = 3,
     num_classes: int | None = None,
+    time_dtype: str = "int32",
     name: str = "mlp_denoiser",
 ) -> keras.Model:
     """A residual MLP denoiser for vector data (2-D toys).
 
     ``h = Dense(x) + Dense(emb)``, then ``num_blocks`` residual blocks
     ``h + Dense(swish(Dense(swish(h)) + Dense(emb)))``, then a zero-initialised
-    ``Dense`` to ``data_dim``.
+    ``Dense`` to ``data_dim``. ``time_dtype``: the ``t`` input's dtype
+    (:func:`~tfngd.networks.blocks.conditioning_inputs`).
     """
     if data_dim < 1 or hidden_units < 1 or num_blocks < 0:
         raise ValueError("data_dim and hidden_units must be >= 1 and num_blocks >= 0")
     x_in = keras.Input(shape=(data_dim,), name="x")
-    cond_inputs, emb = conditioning_inputs(hidden_units, 64, num_classes)
+    cond_inputs, emb = conditioning_inputs(hidden_units, 64, num_classes, time_dtype)
     h = layers.Add(name="input_add")([
         layers.Dense(hidden_units, name="input_proj")(x_in),
         layers.Dense(hidden_units, name="input_time")(emb),

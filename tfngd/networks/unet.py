@@ -1,6 +1,6 @@
 """The U-Net denoiser (Ho et al. 2020; Nichol & Dhariwal 2021), as a functional Keras model.
 
-Inputs: ``x`` of shape ``[B, H, W, C]``, integer timesteps ``t`` of shape
+Inputs: ``x`` of shape ``[B, H, W, C]``, timesteps ``t`` (int32, or float32) of shape
 ``[B]`` and, for a class-conditional model, integer labels of shape ``[B]``
 in ``[0, num_classes]`` where ``num_classes`` is the null label used for
 classifier-free guidance. Output: a tensor shaped like ``x`` (float32).
@@ -26,6 +26,7 @@ def build_unet(
     dropout: float = 0.0,
     groups: int = 8,
     num_classes: int | None = None,
+    time_dtype: str = "int32",
     name: str = "unet",
 ) -> keras.Model:
     """Build a U-Net denoiser.
@@ -42,6 +43,8 @@ def build_unet(
       groups: GroupNormalization groups.
       num_classes: number of classes for a conditional model (label ``num_classes``
         is the null label), or None.
+      time_dtype: the ``t`` input's dtype, ``"int32"`` (timestep index) or
+        ``"float32"`` (continuous time on the same scale).
     """
     height, width, channels = (int(s) for s in image_shape)
     factor = 2 ** (len(channel_mults) - 1)
@@ -59,7 +62,7 @@ def build_unet(
 
     x_in = keras.Input(shape=(height, width, channels), name="x")
     emb_dim = 4 * base_channels
-    cond_inputs, emb = conditioning_inputs(emb_dim, base_channels, num_classes)
+    cond_inputs, emb = conditioning_inputs(emb_dim, base_channels, num_classes, time_dtype)
 
     h = layers.Conv2D(base_channels, 3, padding="same", name="stem")(x_in)
     skips = [h]
