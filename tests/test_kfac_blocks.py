@@ -295,16 +295,23 @@ def test_reduce_equals_expand_without_weight_sharing_and_rejects_unknown_names()
         KFAC(approximation="mean")
 
 
-def dense_called_twice(combine, d_in=3, d_out=2, approximation="expand"):
-    """One Dense layer applied to both halves of a [N, 2, d_in] input; ``combine`` joins
-    the two outputs. Returns (model, layer, block after one exact-Fisher step, x)."""
+def dense_called_twice(combine, d_in=3, d_out=2, approximation="expand", stacked=False,
+                       **kfac_options):
+    """One Dense layer applied to both halves of a [N, 2, d_in] input, in two calls or
+    (``stacked``) in one call on the two halves stacked along the batch axis; ``combine``
+    joins the two outputs. Returns (model, layer, block after one exact-Fisher step, x)."""
     rng = np.random.default_rng(18)
     x = rng.normal(size=(5, 2, d_in)).astype("float32")
     keras.utils.set_random_seed(19)
     inputs = keras.Input((2, d_in))
     layer = keras.layers.Dense(d_out, bias_initializer="random_normal")
-    model = keras.Model(inputs, combine(layer(inputs[:, 0]), layer(inputs[:, 1])))
-    optimizer = exact_kfac(approximation=approximation).register(model)
+    if stacked:
+        both = layer(keras.ops.concatenate([inputs[:, 0], inputs[:, 1]], axis=0))
+        first, second = keras.ops.split(both, 2, axis=0)
+    else:
+        first, second = layer(inputs[:, 0]), layer(inputs[:, 1])
+    model = keras.Model(inputs, combine(first, second))
+    optimizer = exact_kfac(approximation=approximation, **kfac_options).register(model)
     curvature_step(model, optimizer, x, apply=False)
     (block,) = optimizer.blocks
     return model, layer, block, x
@@ -321,10 +328,13 @@ def exact_fisher_of_mse(model, layer, x):
     return np.einsum("npi,npj->ij", jac, jac) * 2 / size / n
 
 
-def test_a_layer_called_twice_counts_both_calls_as_positions_of_the_same_examples():
-    """Expand: two calls on N examples are 2 positions each (R = 2, not 1); with each
-    call's output its own loss term, R (A kron G) is the exact Fisher."""
-    model, layer, block, x = dense_called_twice(lambda a, b: keras.ops.stack([a, b], axis=1))
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_layer_called_twice_counts_both_calls_as_positions_of_the_same_examples(stacked):
+    """Expand: two calls on N examples (or one call on the batch stacked twice) are 2
+    positions of each example (R = 2, not 1); with each call's output its own loss term,
+    R (A kron G) is the exact Fisher."""
+    model, layer, block, x = dense_called_twice(lambda a, b: keras.ops.stack([a, b], axis=1),
+                                                stacked=stacked)
     assert block.positions.numpy() == 2.0
     a = with_bias_column(x.reshape(-1, x.shape[-1]))
     np.testing.assert_allclose(block.a_factor.numpy(), a.T @ a / a.shape[0], rtol=1e-5)
@@ -334,15 +344,34 @@ def test_a_layer_called_twice_counts_both_calls_as_positions_of_the_same_example
                                rtol=1e-5, atol=1e-7)
 
 
-def test_reduce_pools_over_the_calls_of_a_layer_called_twice():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_reduce_pools_over_the_calls_of_a_layer_called_twice(stacked):
     """Reduce: y = W a_1 + W a_2 pools the calls before the loss, so the inputs
     averaged and the gradients summed over both calls give the exact Fisher."""
-    model, layer, block, x = dense_called_twice(lambda a, b: a + b, approximation="reduce")
+    model, layer, block, x = dense_called_twice(lambda a, b: a + b, approximation="reduce",
+                                                stacked=stacked)
     assert block.positions.numpy() == 1.0
     a = with_bias_column(x.mean(axis=1))
     np.testing.assert_allclose(block.a_factor.numpy(), a.T @ a / a.shape[0], rtol=1e-5)
     np.testing.assert_allclose(np.kron(block.a_factor.numpy(), block.g_factor.numpy()),
                                exact_fisher_of_mse(model, layer, x), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("approximation", ["expand", "reduce"])
+def test_statistics_examples_keeps_the_same_examples_in_every_stacked_copy(approximation):
+    """statistics_examples=3 on a call over the batch stacked twice: the factors are those
+    of the first 3 examples alone (in both copies), not of the first 3 rows."""
+    def combine(a, b):
+        return keras.ops.stack([a, b], axis=1) if approximation == "expand" else a + b
+
+    _, _, subset, _ = dense_called_twice(combine, approximation=approximation, stacked=True,
+                                         statistics_examples=3)
+    model, _, _, x = dense_called_twice(combine, approximation=approximation, stacked=True)
+    optimizer = exact_kfac(approximation=approximation).register(model)
+    curvature_step(model, optimizer, x[:3], apply=False)
+    for got, expected in zip(subset.running_statistics, optimizer.blocks[0].running_statistics,
+                             strict=True):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_unsupported_conv_configurations_raise_clear_errors():

@@ -203,7 +203,8 @@ class CurvatureBlock:
     def create_state(self, optimizer) -> None:
         raise NotImplementedError
 
-    def batch_statistics(self, inputs: Sequence, output_gradients: Sequence[Sequence]) -> list:
+    def batch_statistics(self, inputs: Sequence, output_gradients: Sequence[Sequence],
+                         examples=None) -> list:
         """Minibatch statistics from the layer's calls in one forward pass.
 
         Args:
@@ -211,6 +212,12 @@ class CurvatureBlock:
           output_gradients: for each call, the list (over probes) of
             per-example gradients with respect to that call's pre-activation
             output (not divided by ``N``).
+          examples: ``N``, the number of examples of the loss (default: the
+            first call's batch). A call's batch must be ``k N``: ``k`` stacked
+            copies of the examples (a model that batches several evaluations
+            of a network, e.g. at several times, into one call), example-major
+            within each copy. Every copy of every call is a set of further
+            positions of the same ``N`` examples.
         """
         raise NotImplementedError
 
@@ -219,8 +226,9 @@ class CurvatureBlock:
         for running, batch in zip(self.running_statistics, statistics, strict=True):
             running.assign(decay * running + (1.0 - decay) * batch)
 
-    def update_statistics(self, inputs, output_gradients, decay) -> None:
-        self.accumulate_statistics(self.batch_statistics(inputs, output_gradients), decay)
+    def update_statistics(self, inputs, output_gradients, decay, examples=None) -> None:
+        self.accumulate_statistics(self.batch_statistics(inputs, output_gradients, examples),
+                                   decay)
 
     @property
     def running_statistics(self) -> list:
@@ -245,6 +253,21 @@ class CurvatureBlock:
     def diagnostics(self) -> dict:
         """Scalars describing the curvature from the last inverse refresh."""
         raise NotImplementedError
+
+
+def _example_count(inputs: Sequence, examples=None) -> tf.Tensor:
+    """``N`` as an int32 scalar: ``examples``, or the first call's batch size."""
+    if examples is None:
+        return tf.shape(inputs[0])[0]
+    return tf.cast(examples, tf.int32)
+
+
+def _sum_per_example(values, examples, channels: int) -> tf.Tensor:
+    """``[N, channels]``: ``values`` (``[k N, ..., channels]``, ``k`` stacked copies of the
+    ``N`` examples) summed over the copies and every position in between."""
+    values = tf.reshape(_float32(values), (-1, examples, tf.reduce_prod(tf.shape(values)[1:-1]),
+                                           channels))
+    return tf.reduce_sum(values, axis=(0, 2))
 
 
 class KroneckerFactoredBlock(CurvatureBlock):
@@ -307,21 +330,22 @@ class KroneckerFactoredBlock(CurvatureBlock):
         self.g_factor.assign(decay * self.g_factor + (1.0 - decay) * g_batch)
         self.positions.assign(positions)  # a shape property, not averaged
 
-    def batch_statistics(self, inputs, output_gradients) -> list:
+    def batch_statistics(self, inputs, output_gradients, examples=None) -> list:
         """``[A, G, R]`` of this batch (``R = 1`` for ``approximation="reduce"``).
 
-        ``inputs``/``output_gradients`` hold one entry per call of the layer in the
-        forward pass (all calls on the same ``N`` examples). Expand counts the
-        ``R`` positions of all ``k`` calls as ``k R`` shared positions; reduce
-        averages the inputs and sums the output gradients over them, per example.
+        The positions of example ``n`` are those of every call and every stacked copy
+        (see :meth:`CurvatureBlock.batch_statistics`). Expand folds all rows into ``A``
+        and ``G`` and stores ``R`` = rows / ``N``; reduce averages the inputs and sums
+        the output gradients over all positions of an example first.
         """
+        examples = _example_count(inputs, examples)
         if self.approximation == "reduce":
-            return self._reduced_statistics(inputs, output_gradients)
+            return self._reduced_statistics(inputs, output_gradients, examples)
         a_sum = tf.zeros((self.input_dim, self.input_dim), tf.float32)
         g_sum = tf.zeros((self.output_dim, self.output_dim), tf.float32)
         rows = tf.constant(0.0)
         for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
-            a = self._input_rows(call_inputs)  # [N, R, kernel_rows]
+            a = self._input_rows(call_inputs)  # [kN, R, kernel_rows]
             a = self._with_bias_column(tf.reshape(a, (-1, self.kernel_rows)))
             a_sum += tf.matmul(a, a, transpose_a=True)
             for g in probe_gradients:
@@ -329,28 +353,28 @@ class KroneckerFactoredBlock(CurvatureBlock):
                 g_sum += tf.matmul(g, g, transpose_a=True)
             rows += tf.cast(tf.shape(a)[0], tf.float32)
         rows = tf.maximum(rows, 1.0)
-        examples = tf.maximum(tf.cast(tf.shape(inputs[0])[0], tf.float32), 1.0)
-        return [a_sum / rows, g_sum / rows, rows / examples]
+        return [a_sum / rows, g_sum / rows, rows / tf.maximum(tf.cast(examples, tf.float32), 1.0)]
 
-    def _reduced_statistics(self, inputs, output_gradients) -> list:
-        """K-FAC-reduce over every shared position of every call: ``a_n`` the mean of
-        the ``k R`` input rows of example ``n``, ``g_n`` the sum of their gradients."""
-        a_calls, g_calls = [], None
+    def _reduced_statistics(self, inputs, output_gradients, examples) -> list:
+        """K-FAC-reduce over every position of an example: ``a_n`` the mean of its
+        input rows (all calls, copies and positions), ``g_n`` the sum of their gradients."""
+        row_sum = tf.zeros((examples, self.kernel_rows), tf.float32)
+        positions = tf.constant(0.0)
+        g_total = None
         for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
-            a = self._input_rows(call_inputs)  # [N, R, kernel_rows]
-            batch = tf.shape(a)[0]
-            a_calls.append(self._with_bias_column(tf.reduce_mean(a, axis=1)))
-            g_call = [tf.reduce_sum(tf.reshape(_float32(g), (batch, -1, self.output_dim)), axis=1)
-                      for g in probe_gradients]
-            g_calls = g_call if g_calls is None else [
-                total + g for total, g in zip(g_calls, g_call, strict=True)]
-        a = tf.add_n(a_calls) / float(len(a_calls))
-        examples = tf.maximum(tf.cast(tf.shape(a)[0], tf.float32), 1.0)
+            rows = self._input_rows(call_inputs)  # [kN, R, kernel_rows]
+            rows = tf.reshape(rows, (-1, examples, tf.shape(rows)[1], self.kernel_rows))
+            row_sum += tf.reduce_sum(rows, axis=(0, 2))
+            positions += tf.cast(tf.shape(rows)[0] * tf.shape(rows)[2], tf.float32)
+            g_call = [_sum_per_example(g, examples, self.output_dim) for g in probe_gradients]
+            g_total = g_call if g_total is None else [
+                total + g for total, g in zip(g_total, g_call, strict=True)]
+        a = self._with_bias_column(row_sum / tf.maximum(positions, 1.0))
+        count = tf.maximum(tf.cast(examples, tf.float32), 1.0)
         g_sum = tf.zeros((self.output_dim, self.output_dim), tf.float32)
-        for g in g_calls:
+        for g in g_total:
             g_sum += tf.matmul(g, g, transpose_a=True)
-        return [tf.matmul(a, a, transpose_a=True) / examples, g_sum / examples,
-                tf.constant(1.0)]
+        return [tf.matmul(a, a, transpose_a=True) / count, g_sum / count, tf.constant(1.0)]
 
     def _with_bias_column(self, a) -> tf.Tensor:
         """``a_bar``: the rows with a 1 appended when the layer has a bias."""
@@ -527,7 +551,7 @@ class GroupNormBlock(CurvatureBlock):
         x_hat = (grouped - mean) * tf.math.rsqrt(variance + self.layer.epsilon)
         return tf.reshape(x_hat, (tf.shape(x)[0], -1, self.channels))
 
-    def batch_statistics(self, inputs, output_gradients) -> list:
+    def batch_statistics(self, inputs, output_gradients, examples=None) -> list:
         sums = [tf.zeros((self.channels,), tf.float32) for _ in self.variables]
         for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
             x_hat = self.normalized_inputs(call_inputs)
@@ -540,9 +564,9 @@ class GroupNormBlock(CurvatureBlock):
                     per_example.append(tf.reduce_sum(dy, axis=1))  # beta
                 sums = [s + tf.reduce_sum(tf.square(p), axis=0)
                         for s, p in zip(sums, per_example, strict=True)]
-        # Every call's terms count for the same N examples (the calls' sums are treated as
-        # independent, the diagonal analogue of expand's extra positions).
-        examples = tf.maximum(tf.cast(tf.shape(inputs[0])[0], tf.float32), 1.0)
+        # Every call's (and stacked copy's) terms count for the same N examples: their sums
+        # are treated as independent, the diagonal analogue of expand's extra positions.
+        examples = tf.maximum(tf.cast(_example_count(inputs, examples), tf.float32), 1.0)
         return [s / examples for s in sums]
 
     def update_inverse(self, damping, correction) -> tf.Tensor:

@@ -476,7 +476,13 @@ class KFAC(keras.optimizers.Optimizer):
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
                     for v in self.output_probes(outputs, likelihood, per_example_scale)
                 ]
-            subset = self._example_subset
+            examples = tf.shape(outputs)[0]
+            if self.statistics_examples is not None:
+                examples = tf.minimum(examples, self.statistics_examples)
+
+            def subset(tensor):
+                return self._example_subset(tensor, tf.shape(outputs)[0])
+
             statistics = []
             for block in registration.blocks:
                 indices = [i for i, c in enumerate(calls) if c.layer is block.layer]
@@ -486,6 +492,7 @@ class KFAC(keras.optimizers.Optimizer):
                 statistics.append(block.batch_statistics(
                     [subset(calls[i].inputs) for i in indices],
                     [[subset(grads[i]) for grads in probe_grads] for i in indices],
+                    examples,
                 ))
             finite = _all_finite([s for stats in statistics if stats for s in stats])
 
@@ -513,11 +520,15 @@ class KFAC(keras.optimizers.Optimizer):
         return (step % self.statistics_every == 0 or warmup,
                 step % self.inverse_every == 0 or warmup)
 
-    def _example_subset(self, tensor):
-        """The first ``statistics_examples`` examples (batch axis first), or all of them."""
+    def _example_subset(self, tensor, examples):
+        """The first ``statistics_examples`` of the ``examples`` examples of a layer call's
+        ``tensor`` (batch axis first), or all of them. A call on ``k`` stacked copies of
+        the batch (``k * examples`` rows, copy-major) keeps those examples in every copy."""
         if self.statistics_examples is None:
             return tensor
-        return tensor[: self.statistics_examples]
+        keep = tf.minimum(examples, self.statistics_examples)
+        copies = tf.reshape(tensor, tf.concat([[-1, examples], tf.shape(tensor)[1:]], 0))
+        return tf.reshape(copies[:, :keep], tf.concat([[-1], tf.shape(tensor)[1:]], 0))
 
     def _statistics_due(self) -> tf.Tensor:
         """Every ``statistics_every`` steps, and at every step of the inverse warm-up
