@@ -91,14 +91,17 @@ def test_probabilities_after_warmup_match_reference():
     assert np.all(p >= 0.001 / T * (1 - 1e-6))
 
 
-def test_importance_weights_unbiased():
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_importance_weights_unbiased(jit_compile):
+    """Also compiled with XLA (the trainer's --jit-compile): the draw must compile."""
     T = 8
     rng = np.random.default_rng(1)
     losses = [list(rng.uniform(0.1, 1.0, size=10) * (t + 1)) for t in range(T)]
     s = ts.LossSecondMomentTimestepSampler(T)
     fill(s, losses)
     p = s.probabilities().numpy().astype(np.float64)
-    t, w = s.sample(4096, seed=tf.constant([7, 7]))
+    draw = tf.function(s.sample, jit_compile=True) if jit_compile else s.sample
+    t, w = draw(4096, seed=tf.constant([7, 7]))
     t, w = t.numpy(), w.numpy()
     assert t.min() >= 0 and t.max() < T
     # Each returned weight is 1 / (T p_t).

@@ -90,9 +90,13 @@ class LossSecondMomentTimestepSampler(UniformTimestepSampler):
         return tf.cond(self.warmed_up(), importance, uniform)
 
     def sample(self, batch_size, seed):
+        """``t ~ p`` by inverse CDF (``searchsorted`` of a uniform in the cumulative sum;
+        XLA compiles it, unlike ``stateless_categorical``), and weights ``1 / (T p_t)``."""
         p = self.probabilities()
-        logits = tf.math.log(p)[tf.newaxis, :]
-        t = tf.random.stateless_categorical(logits, batch_size, seed=seed, dtype=tf.int32)[0]
+        cumulative = tf.math.cumsum(p)
+        u = tf.random.stateless_uniform([batch_size], seed=seed) * cumulative[-1]
+        t = tf.searchsorted(cumulative, u, side="right", out_type=tf.int32)
+        t = tf.minimum(t, self.num_timesteps - 1)  # u == cumulative[-1] in float rounding
         weights = 1.0 / (self.num_timesteps * tf.gather(p, t))
         return t, weights
 
