@@ -335,7 +335,7 @@ def test_guidance_inside_sampler_uses_guided_prediction():
 
 def test_sampler_validation():
     with pytest.raises(ValueError, match="fixed_small"):
-        samplers.AncestralSampler("learned_range")
+        samplers.AncestralSampler("learned")
     for eta in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="eta"):
             samplers.DDIMSampler(eta)

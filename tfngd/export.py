@@ -14,6 +14,8 @@ The whole chain (``tfngd.samplers.sample``: a ``tf.while_loop`` over the EMA
 denoiser) is one graph with no Python callbacks, written with
 ``keras.export.ExportArchive`` so that both ``tf.saved_model.load`` and the
 session-based loader of TF Serving and ``saved_model_cli run`` accept it.
+A ``learned_range`` model's ancestral (``ddpm``) sampler draws with the learned
+variance; DDIM uses its prediction channels only.
 
 Requests are checked inside the graph before anything is allocated: a bad
 one fails with ``InvalidArgumentError`` (HTTP 400 from TF Serving) whose
@@ -83,10 +85,16 @@ def _to_uint8(x: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round((x + 1.0) * 127.5), 0.0, 255.0), tf.uint8)
 
 
-def _guided_or_conditional(denoiser, labels, guidance_scale, null_label: int):
-    """Classifier-free guidance, skipping the unconditional pass when the scale is exactly 1."""
+def _guided_or_conditional(denoiser, labels, guidance_scale, null_label: int,
+                           learned_variance: bool = False):
+    """Classifier-free guidance, skipping the unconditional pass when the scale is exactly 1.
+
+    With ``learned_variance`` only the prediction channels are guided
+    (:func:`tfngd.samplers.denoiser_fn`).
+    """
     conditional = samplers.denoiser_fn(denoiser, labels)
-    guided = samplers.denoiser_fn(denoiser, labels, guidance_scale, null_label)
+    guided = samplers.denoiser_fn(denoiser, labels, guidance_scale, null_label,
+                                  learned_variance=learned_variance)
 
     def fn(x, t):
         return tf.cond(tf.equal(guidance_scale, 1.0), lambda: conditional(x, t),
@@ -150,7 +158,8 @@ def build_serving_function(model: DiffusionModel, *, sampler: str = "ddim", eta:
             fn = samplers.denoiser_fn(denoiser)
         else:
             labels = tf.fill(tf.reshape(num_samples, [1]), label)
-            fn = _guided_or_conditional(denoiser, labels, guidance_scale, null_label)
+            fn = _guided_or_conditional(denoiser, labels, guidance_scale, null_label,
+                                        learned_variance=diffusion.learns_variance)
         x = samplers.sample(fn, diffusion, [num_samples, *data_shape], seed, num_steps, step,
                             spacing, clip)
         x = tf.ensure_shape(x, [None, *data_shape])

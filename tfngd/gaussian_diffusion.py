@@ -27,6 +27,18 @@ Loss weighting: Min-SNR-gamma (Hang et al. 2023) with ``snr = abar / (1 - abar)`
 ``min(snr, gamma) / snr`` for eps, ``min(snr, gamma) / (snr + 1)`` for v and
 ``min(snr, gamma)`` for x0 prediction. Each weight makes the loss equal to
 ``min(snr, gamma) * ||x_0 - x0_hat||^2``.
+
+Reverse-process variance (``variance_type``): ``"fixed_small"`` (``beta~_t``),
+``"fixed_large"`` (``beta_t``) or ``"learned_range"`` (Nichol & Dhariwal 2021,
+section 3.1, eq. 15): the network outputs twice the data channels (last axis),
+the prediction above and a value ``v`` per element, and::
+
+    log sigma_t^2 = frac log beta_t + (1 - frac) log beta~_t,   frac = (v + 1) / 2
+
+with ``log beta~_0`` clipped to ``log beta~_1``. :meth:`GaussianDiffusion.split_output`
+(the split) and :func:`learned_range_log_variance` (the interpolation) are the only
+places that spell this out; on a respaced chain the same interpolation takes the
+respaced chain's ``beta'`` and ``beta~'`` (:func:`respaced_log_variance_bounds`).
 """
 
 from __future__ import annotations
@@ -37,7 +49,61 @@ import tensorflow as tf
 from tfngd import schedules
 
 PREDICTION_TYPES = ("eps", "x0", "v")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned_range",)
+
+
+def output_channels(variance_type: str, data_channels: int) -> int:
+    """Channels (last axis) of the network output for data with ``data_channels`` channels.
+
+    ``2 * data_channels`` for a learned variance (prediction, then variance values),
+    ``data_channels`` otherwise.
+    """
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(
+            f"Unknown variance_type {variance_type!r}; valid: {', '.join(VARIANCE_TYPES)}"
+        )
+    return 2 * int(data_channels) if variance_type in LEARNED_VARIANCE_TYPES else int(data_channels)
+
+
+def learned_range_log_variance(var_values, log_beta, log_beta_tilde):
+    """The learned-range reverse log-variance (Nichol & Dhariwal 2021, eq. 15).
+
+    ``log sigma^2 = frac * log_beta + (1 - frac) * log_beta_tilde`` with
+    ``frac = (var_values + 1) / 2``: ``var_values = 1`` gives ``beta``, ``-1`` gives
+    ``beta~`` (both are the bounds of the range, not hard limits: ``v`` is unconstrained).
+    ``log_beta`` and ``log_beta_tilde`` (the *clipped* posterior log-variance, finite at
+    the first step) are those of the chain being run: the full chain's tables or a
+    respaced chain's (:func:`respaced_log_variance_bounds`). They are cast to
+    ``var_values``' dtype and must broadcast against it.
+    """
+    var_values = tf.convert_to_tensor(var_values)
+    frac = (var_values + 1.0) / 2.0
+    log_beta = tf.cast(log_beta, var_values.dtype)
+    log_beta_tilde = tf.cast(log_beta_tilde, var_values.dtype)
+    return frac * log_beta + (1.0 - frac) * log_beta_tilde
+
+
+def respaced_log_variance_bounds(abar_kept):
+    """``(log beta', clipped log beta~')`` of the chain through kept steps with ``abar_kept``.
+
+    ``abar_kept`` (float64, ``[K]``, a tensor or array; K may be dynamic) holds
+    ``abar`` at the kept steps ``t_0 < ... < t_{K-1}``; step ``i`` goes from ``t_i`` to
+    ``t_{i-1}`` (``abar_{t_{-1}} = 1``) with ``beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}}``
+    and posterior variance ``beta~'_i`` (:func:`posterior_coefficients`). As on the full
+    chain, ``beta~'_0 = 0`` is replaced by ``beta~'_1`` (by ``beta'_0`` when ``K = 1``,
+    where no noise is ever drawn with it). These are the two ends of the learned range
+    on that chain, as in the reference's ``SpacedDiffusion``; with every step kept they
+    are the full chain's ``log(betas)`` and ``posterior_log_variance_clipped``.
+    """
+    abar = tf.cast(tf.convert_to_tensor(abar_kept), tf.float64)
+    abar_prev = tf.concat([tf.ones([1], tf.float64), abar[:-1]], axis=0)
+    _, _, posterior_variance = posterior_coefficients(abar, abar_prev)
+    beta = 1.0 - abar / abar_prev
+    num_kept = tf.shape(abar)[0]
+    first = tf.where(num_kept >= 2, posterior_variance[tf.minimum(1, num_kept - 1)], beta[0])
+    clipped = tf.concat([tf.reshape(first, [1]), posterior_variance[1:]], axis=0)
+    return tf.math.log(beta), tf.math.log(clipped)
 
 
 def _broadcast_to_rank(values: tf.Tensor, rank: int) -> tf.Tensor:
@@ -125,8 +191,10 @@ class GaussianDiffusion:
       schedule: ``"linear"`` or ``"cosine"``.
       num_timesteps: T.
       prediction_type: ``"eps"``, ``"x0"`` or ``"v"``.
-      variance_type: ``"fixed_small"`` (``beta~_t``) or ``"fixed_large"``
-        (``beta_t``, with ``beta~_1`` at t = 0 as in improved-diffusion).
+      variance_type: ``"fixed_small"`` (``beta~_t``), ``"fixed_large"``
+        (``beta_t``, with ``beta~_1`` at t = 0 as in improved-diffusion) or
+        ``"learned_range"`` (the network outputs twice the data channels and the
+        variance interpolates between ``beta~_t`` and ``beta_t``; see the module doc).
       zero_terminal_snr: rescale the schedule so that ``abar_{T-1} = 0``.
         Requires ``prediction_type="v"`` or ``"x0"`` (eps cannot be
         converted to x0 at zero SNR).
@@ -182,6 +250,8 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(
             np.append(self.posterior_variance[1], self.posterior_variance[1:])
         )
+        # The upper end of the learned range (the reference uses log(betas), unclipped).
+        self.log_betas = np.log(betas)
 
     def get_config(self) -> dict:
         return {
@@ -231,8 +301,49 @@ class GaussianDiffusion:
         )
 
     # -- reverse process -------------------------------------------------
-    def model_log_variance(self, t, like):
-        """Log-variance of ``p(x_{t-1} | x_t)`` for the fixed variance types."""
+    @property
+    def learns_variance(self) -> bool:
+        """True when the network also outputs the reverse variance (``learned_range``)."""
+        return self.variance_type in LEARNED_VARIANCE_TYPES
+
+    def output_channels(self, data_channels: int) -> int:
+        """Channels of the network output for this variance type (:func:`output_channels`)."""
+        return output_channels(self.variance_type, data_channels)
+
+    def split_output(self, model_output):
+        """``(prediction, var_values)`` of a network output; ``var_values`` is None if fixed.
+
+        With ``learned_range`` the last axis holds ``2C`` channels: the first ``C`` are
+        the eps / x0 / v prediction, the last ``C`` the variance values ``v`` of
+        :func:`learned_range_log_variance`. With a fixed variance the output is the
+        prediction itself.
+        """
+        if not self.learns_variance:
+            return model_output, None
+        channels = model_output.shape[-1]
+        if channels is None or channels % 2:
+            raise ValueError(
+                f"variance_type={self.variance_type!r} needs a network output with an even "
+                f"number of channels (prediction, then variance values), got shape "
+                f"{model_output.shape}")
+        prediction, var_values = tf.split(model_output, 2, axis=-1)
+        return prediction, var_values
+
+    def model_log_variance(self, t, like, var_values=None):
+        """Log-variance of ``p(x_{t-1} | x_t)`` on the full chain.
+
+        ``fixed_small``: clipped ``log beta~_t``; ``fixed_large``: ``log beta_t``
+        (``log beta~_1`` at t = 0); ``learned_range``: :func:`learned_range_log_variance`
+        of ``var_values`` (required; the second half of the network output) between
+        ``log beta_t`` and the clipped ``log beta~_t``, shaped like ``var_values``.
+        """
+        if self.learns_variance:
+            if var_values is None:
+                raise ValueError(f"variance_type={self.variance_type!r}: the log-variance "
+                                 "depends on the network output; pass var_values")
+            return learned_range_log_variance(
+                var_values, self.gather(self.log_betas, t, var_values),
+                self.gather(self.posterior_log_variance_clipped, t, var_values))
         if self.variance_type == "fixed_small":
             return self.gather(self.posterior_log_variance_clipped, t, like)
         large = np.log(np.append(self.posterior_variance[1], self.betas[1:]))
@@ -242,13 +353,15 @@ class GaussianDiffusion:
         """Mean, variance, log-variance and the predicted ``x_0`` of ``p(x_{t-1} | x_t)``.
 
         The mean is the posterior mean at the predicted ``x_0`` (clipped to
-        [-1, 1] first when ``clip_denoised``).
+        [-1, 1] first when ``clip_denoised``). ``model_output`` is the full network
+        output (with the variance channels for ``learned_range``, see :meth:`split_output`).
         """
-        x0_hat, _ = prediction_to_x0_eps(model_output, x_t, self.abar(t, x_t), self.prediction_type)
+        prediction, var_values = self.split_output(model_output)
+        x0_hat, _ = prediction_to_x0_eps(prediction, x_t, self.abar(t, x_t), self.prediction_type)
         if clip_denoised:
             x0_hat = tf.clip_by_value(x0_hat, -1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(x0_hat, x_t, t)
-        log_variance = self.model_log_variance(t, x_t)
+        log_variance = self.model_log_variance(t, x_t, var_values)
         return mean, tf.exp(log_variance), log_variance, x0_hat
 
     # -- training objective ----------------------------------------------
@@ -264,7 +377,11 @@ class GaussianDiffusion:
         """Mean squared error of the prediction, averaged over all but the batch axis.
 
         This is ``L_simple`` (for eps prediction) before any per-example weight.
+        With ``learned_range`` the variance channels of ``model_output`` are ignored
+        (split off with :meth:`split_output`): the MSE trains the prediction only.
         """
+        if self.learns_variance and model_output.shape[-1] == 2 * x0.shape[-1]:
+            model_output, _ = self.split_output(model_output)
         target = prediction_target(x0, noise, self.abar(t, x0), self.prediction_type)
         error = tf.square(tf.cast(model_output, tf.float32) - tf.cast(target, tf.float32))
         return tf.reduce_mean(tf.reshape(error, [tf.shape(error)[0], -1]), axis=-1)

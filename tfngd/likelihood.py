@@ -24,7 +24,12 @@ and section 4 of the shared ``diffusion.md``.
 Built on them (below): the DDPM variational bound in bits per dimension on the
 full or a respaced chain, :func:`make_variational_bound` /
 :func:`variational_bound` (Ho et al. 2020, appendix A; Nichol & Dhariwal 2021),
-with :func:`gaussian_log_likelihood` as the decoder of continuous data.
+with :func:`gaussian_log_likelihood` as the decoder of continuous data, and the
+single-timestep term of that bound that the hybrid objective of a learned-variance
+model trains on, :func:`timestep_vlb_bits` (Nichol & Dhariwal 2021, section 3.1).
+With ``variance_type="learned_range"`` every reverse variance here is the network's
+(:meth:`tfngd.gaussian_diffusion.GaussianDiffusion.split_output` and
+:func:`tfngd.gaussian_diffusion.learned_range_log_variance`).
 """
 
 from __future__ import annotations
@@ -105,6 +110,39 @@ def gaussian_log_likelihood(x, mean, log_variance):
     return -0.5 * (LOG_TWO_PI + log_variance + tf.square(x - mean) * tf.exp(-log_variance))
 
 
+def timestep_vlb_bits(diffusion, model_output, x0, x_t, t, discrete: bool,
+                      clip_denoised: bool = False):
+    """The term ``L_t`` of the variational bound at one draw ``x_t``, in bits per dimension.
+
+    Per example (shape ``[B]``), with ``D`` the elements of an example::
+
+        L_t = (1 / (D ln 2)) sum_d KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))  t > 0
+        L_0 = -(1 / (D ln 2)) sum_d log p_theta(x_0 | x_1)                               t = 0
+
+    the reference's ``_vb_terms_bpd`` (improved-diffusion): the Gaussian KL of
+    :func:`normal_kl` and the decoder of :func:`discretized_gaussian_log_likelihood`
+    (``discrete=True``, 256-level image data) or the Gaussian density of
+    :func:`gaussian_log_likelihood` (continuous data). The reverse step is
+    :meth:`~tfngd.gaussian_diffusion.GaussianDiffusion.p_mean_variance` of the full
+    network output on the full chain (so a ``learned_range`` output sets the variance).
+    ``t`` is an int32 ``[B]`` tensor; the computation runs in ``x0``'s dtype.
+    """
+    model_output = tf.cast(model_output, x0.dtype)
+    true_mean, _, true_log_variance = diffusion.q_posterior_mean_variance(x0, x_t, t)
+    model_mean, _, model_log_variance, _ = diffusion.p_mean_variance(
+        model_output, x_t, t, clip_denoised=clip_denoised)
+    model_log_variance = model_log_variance + tf.zeros_like(model_mean)
+    dims = tf.reduce_prod(tf.shape(x0)[1:])
+    kl = sum_over_example(normal_kl(true_mean, true_log_variance, model_mean, model_log_variance))
+    if discrete:
+        log_likelihood = discretized_gaussian_log_likelihood(x0, model_mean,
+                                                             0.5 * model_log_variance)
+    else:
+        log_likelihood = gaussian_log_likelihood(x0, model_mean, model_log_variance)
+    decoder = -sum_over_example(log_likelihood)
+    return nats_to_bits_per_dim(tf.where(tf.equal(t, 0), decoder, kl), dims)
+
+
 def validate_timesteps(timesteps, num_timesteps: int) -> np.ndarray:
     """The kept timesteps of a respaced chain as int32 numpy, or a ``ValueError``.
 
@@ -147,23 +185,29 @@ class _RespacedChain:
     (``fixed_large``). At ``i = 0`` the posterior variance is 0 and both use the posterior
     variance of step 1 instead, the convention of the full chain's
     ``posterior_log_variance_clipped`` (Ho et al. 2020; Nichol & Dhariwal 2021).
+    ``learned_range`` interpolates per element between ``log_beta`` (``log beta'_i``) and
+    ``posterior_log_variance`` (the clipped ``log beta~'_i``), the tables of
+    :func:`tfngd.gaussian_diffusion.respaced_log_variance_bounds`, as the reference's
+    ``SpacedDiffusion`` does.
     """
 
     def __init__(self, diffusion, kept: np.ndarray):
         abar = diffusion.alphas_cumprod[kept]
         abar_prev = np.append(1.0, abar[:-1])
-        c1, c2, posterior_variance = (
+        c1, c2, _ = (
             value.numpy() for value in gd.posterior_coefficients(
                 tf.constant(abar, tf.float64), tf.constant(abar_prev, tf.float64)))
-        posterior_variance = np.append(posterior_variance[1], posterior_variance[1:])
-        if diffusion.variance_type == "fixed_small":
-            reverse_variance = posterior_variance
-        else:
-            reverse_variance = np.append(posterior_variance[0], 1.0 - abar[1:] / abar_prev[1:])
+        log_beta, posterior_log_variance = (
+            value.numpy() for value in gd.respaced_log_variance_bounds(abar))
+        if diffusion.variance_type == "fixed_large":
+            reverse_log_variance = np.append(posterior_log_variance[0], log_beta[1:])
+        else:  # fixed_small; learned_range interpolates per element (reverse_step)
+            reverse_log_variance = posterior_log_variance
         self.abar = abar
         self.c1, self.c2 = c1, c2
-        self.posterior_log_variance = np.log(posterior_variance)
-        self.reverse_log_variance = np.log(reverse_variance)
+        self.log_beta = log_beta
+        self.posterior_log_variance = posterior_log_variance
+        self.reverse_log_variance = reverse_log_variance
 
     @staticmethod
     def at(table: np.ndarray, index, like: tf.Tensor) -> tf.Tensor:
@@ -194,7 +238,9 @@ def make_variational_bound(
     :meth:`GaussianDiffusion.p_mean_variance`; on a respaced chain they are the
     posteriors between consecutive kept steps
     (:func:`tfngd.gaussian_diffusion.posterior_coefficients`) with the reverse variance
-    the respaced ancestral sampler uses (see :class:`_RespacedChain`). The respaced chain
+    the respaced ancestral sampler uses (see :class:`_RespacedChain`); a
+    ``learned_range`` model's variance interpolates between that chain's ``beta'`` and
+    ``beta~'``. The respaced chain
     is itself a diffusion with the same marginals, so its bound is a valid (looser)
     bound on the same model's ``-log p(x_0)``.
 
@@ -251,13 +297,18 @@ def make_variational_bound(
             model_mean, _, model_log_variance, _ = diffusion.p_mean_variance(
                 output, x_t, t, clip_denoised=clip)
             return true_mean, true_log_variance, model_mean, model_log_variance
-        x0_hat, _ = gd.prediction_to_x0_eps(output, x_t, chain.at(chain.abar, index, x0),
+        prediction, var_values = diffusion.split_output(output)
+        x0_hat, _ = gd.prediction_to_x0_eps(prediction, x_t, chain.at(chain.abar, index, x0),
                                             diffusion.prediction_type)
         if clip:
             x0_hat = tf.clip_by_value(x0_hat, -1.0, 1.0)
         c1, c2 = chain.at(chain.c1, index, x0), chain.at(chain.c2, index, x0)
         true_log_variance = chain.at(chain.posterior_log_variance, index, x0)
-        model_log_variance = chain.at(chain.reverse_log_variance, index, x0)
+        if var_values is None:
+            model_log_variance = chain.at(chain.reverse_log_variance, index, x0)
+        else:
+            model_log_variance = gd.learned_range_log_variance(
+                var_values, chain.at(chain.log_beta, index, x0), true_log_variance)
         return (c1 * x0 + c2 * x_t, true_log_variance, c1 * x0_hat + c2 * x_t,
                 model_log_variance)
 

@@ -12,7 +12,9 @@ Nichol & Dhariwal 2021 and Hang et al. 2023):
 
 1. ``t ~ p(t)`` (uniform, or importance-sampled with unbiasing weights),
    ``eps ~ N(0, I)``, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``;
-2. per-example loss ``L_n = w_snr(t_n) * mean ||target - f(x_t, t_n)||^2``;
+2. per-example loss ``L_n = w_snr(t_n) * mean ||target - f(x_t, t_n)||^2``
+   (plus ``vlb_weight * T * L_vlb`` for a learned variance: the hybrid objective
+   of Nichol & Dhariwal 2021, see :meth:`DiffusionModel.denoising_loss`);
 3. objective ``mean_n(w_is(t_n) L_n)``; gradient step with the compiled
    optimizer; EMA update of the weights.
 
@@ -27,10 +29,12 @@ evaluation bank; ``test_step`` then uses the given ``t`` and ``noise``).
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 
-from tfngd import samplers
+from tfngd import likelihood, samplers
 from tfngd.gaussian_diffusion import GaussianDiffusion
 from tfngd.optimizers.training import ForwardPass, gradients_and_curvature, kfac_of
 from tfngd.timestep_sampling import make_timestep_sampler
@@ -56,6 +60,38 @@ def ema_decay_at(step, decay: float, warmup: bool):
     return tf.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
+def _check_output_channels(denoiser: keras.Model, diffusion: GaussianDiffusion) -> None:
+    """Reject a denoiser whose output channels do not fit the diffusion's variance type."""
+    outputs = getattr(denoiser, "outputs", None)
+    if not outputs or not denoiser.inputs:
+        return
+    data_channels = denoiser.inputs[0].shape[-1]
+    got = outputs[0].shape[-1]
+    if data_channels is None or got is None:
+        return
+    expected = diffusion.output_channels(data_channels)
+    if got != expected:
+        parts = ("the prediction, then the variance values" if diffusion.learns_variance
+                 else "the prediction only")
+        raise ValueError(
+            f"the denoiser outputs {got} channels, but variance_type="
+            f"{diffusion.variance_type!r} needs {expected} for data with {data_channels} "
+            f"channels ({parts}); build the network with output_channels (U-Net) / out_dim "
+            f"(MLP) = diffusion.output_channels({data_channels})")
+
+
+def _per_channel_scale(output, prediction_scale, variance_scale):
+    """A ``[B, 1, ..., 1, 2C]`` K-FAC scale: ``prediction_scale`` on the first C channels."""
+    rank = len(output.shape)
+    channels = output.shape[-1] // 2
+    ones = tf.ones([1] * (rank - 1) + [channels], tf.float32)
+
+    def spread(values):
+        return tf.reshape(tf.cast(values, tf.float32), [-1] + [1] * (rank - 1)) * ones
+
+    return tf.concat([spread(prediction_scale), spread(variance_scale)], axis=-1)
+
+
 class DiffusionModel(keras.Model):
     """A denoising diffusion model trained with any Keras optimizer.
 
@@ -73,7 +109,14 @@ class DiffusionModel(keras.Model):
       class_dropout: probability of replacing a label by the null label in
         training (classifier-free guidance).
       evaluate_with_ema: ``test_step`` scores the EMA weights.
+      vlb_weight: ``lambda`` of the hybrid objective ``L_simple + lambda L_vlb`` of a
+        ``learned_range`` diffusion (Nichol & Dhariwal 2021: 0.001; see
+        :meth:`denoising_loss`); finite and ``>= 0``; ignored for a fixed variance.
       seed: base seed of the stateless random streams.
+
+    The denoiser's output must have ``diffusion.output_channels(C)`` channels on its
+    last axis (``C`` those of its ``x`` input): ``C`` for a fixed variance, ``2C`` for
+    ``learned_range``; anything else is a ``ValueError`` at construction.
     """
 
     def __init__(
@@ -87,6 +130,7 @@ class DiffusionModel(keras.Model):
         class_dropout: float = 0.1,
         evaluate_with_ema: bool = True,
         seed: int = 0,
+        vlb_weight: float = 0.001,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -94,6 +138,10 @@ class DiffusionModel(keras.Model):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if not 0.0 <= class_dropout <= 1.0:
             raise ValueError(f"class_dropout must be in [0, 1], got {class_dropout}")
+        if (isinstance(vlb_weight, bool) or not isinstance(vlb_weight, (int, float))
+                or not math.isfinite(vlb_weight) or vlb_weight < 0):
+            raise ValueError(f"vlb_weight must be a finite number >= 0, got {vlb_weight!r}")
+        _check_output_channels(denoiser, diffusion)
         conditional = len(denoiser.inputs) == 3
         if conditional != (num_classes is not None):
             raise ValueError(
@@ -113,8 +161,12 @@ class DiffusionModel(keras.Model):
         self.class_dropout = float(class_dropout)
         self.evaluate_with_ema = bool(evaluate_with_ema)
         self.seed = int(seed)
+        self.vlb_weight = float(vlb_weight)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.quartile_trackers = [keras.metrics.Mean(name=f"loss_q{q + 1}") for q in range(4)]
+        # The hybrid objective's variational-bound part (bits/dim, unweighted): learned_range.
+        self.vlb_tracker = (keras.metrics.Mean(name="vlb") if diffusion.learns_variance
+                            else None)
         self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         self._sample_functions = {}
         self.built = True
@@ -145,7 +197,12 @@ class DiffusionModel(keras.Model):
 
     @property
     def metrics(self):
-        return [self.loss_tracker, *self.quartile_trackers, self.grad_norm_tracker]
+        return [*self._evaluation_metrics, self.grad_norm_tracker]
+
+    @property
+    def _evaluation_metrics(self):
+        vlb = [] if self.vlb_tracker is None else [self.vlb_tracker]
+        return [self.loss_tracker, *self.quartile_trackers, *vlb]
 
     # -- data --------------------------------------------------------------
     def _unpack(self, data):
@@ -174,21 +231,66 @@ class DiffusionModel(keras.Model):
                        training) -> ForwardPass:
         """The objective ``mean_n w_is(t_n) L_n`` as a :class:`ForwardPass`.
 
-        ``extras["per_example"]`` is ``L_n = w_snr(t_n) mean_D ||target - f||^2``
-        (what the importance sampler records). The objective is the Gaussian
-        likelihood ``mean_n s_n ||target_n - f_n||^2`` with
+        Fixed variance: ``L_n = w_snr(t_n) mean_D ||target - f||^2`` (``L_simple``). The
+        objective is the Gaussian likelihood ``mean_n s_n ||target_n - f_n||^2`` with
         ``s_n = w_is w_snr / D`` whose Fisher K-FAC approximates (the Fisher does
         not depend on the target, so eps, x0 and v prediction share it).
+
+        ``learned_range`` (Nichol & Dhariwal 2021, section 3.1, the hybrid objective
+        ``L_hybrid = L_simple + lambda L_vlb`` with ``lambda = vlb_weight``): the output
+        is split into the prediction ``f`` and the variance values ``v``
+        (:meth:`GaussianDiffusion.split_output`), and::
+
+            L_n = w_snr(t_n) mean_D ||target - f||^2 + vlb_weight * T * L_{t_n}(sg(f), v)
+
+        where ``L_t`` is the single-timestep term of the variational bound in bits per
+        dimension (:func:`tfngd.likelihood.timestep_vlb_bits`: the KL of the Gaussian
+        posterior ``q(x_{t-1} | x_t, x_0)`` from ``p_theta(x_{t-1} | x_t)`` for
+        ``t > 0``, the discretised-decoder NLL, or the Gaussian density NLL for vector
+        data, at ``t = 0``, unclipped) and ``sg`` is a stop-gradient on the prediction:
+        ``L_vlb`` trains only the variance, ``L_simple`` only the mean. Scaling: the
+        paper's ``L_vlb = sum_t L_t`` has ``T`` terms, estimated by ``T * L_t`` at one
+        uniform ``t``, so ``lambda L_vlb`` is ``vlb_weight * T * L_t``; the reference code
+        (improved-diffusion's ``RESCALED_MSE``) adds ``L_t * T / 1000``, the same thing at
+        its ``lambda = 0.001``. ``extras``: ``per_example`` (``L_n``, what the
+        importance sampler records, as the reference's resampler does), ``mse`` (the
+        weighted MSE part: the quartile metrics) and ``vlb`` (``L_t`` in bits/dim).
+
+        K-FAC: the Fisher of the learned-range output is the Gaussian one on the
+        prediction channels (as above) and, on the variance channels, the Fisher of
+        ``N(mu, sigma^2)`` with respect to ``log sigma^2`` (1/2 per element) pulled back
+        through ``d log sigma^2 / d v = (log beta_t - log beta~_t) / 2`` and scaled like
+        the ``L_vlb`` term: ``s_nv = w_is vlb_weight T (log beta_t - log beta~_t)^2 /
+        (16 D ln 2)`` per element, in the form ``s ||y - f||^2`` that
+        :meth:`KFAC.output_probes` takes.
         """
         x_t = self.diffusion.q_sample(x0, t, noise)
         output = denoiser(self._denoiser_inputs(x_t, t, label), training=training)
+        prediction, var_values = self.diffusion.split_output(output)
         snr_weights = self.diffusion.loss_weights(t)
-        per_example = self.diffusion.per_example_loss(output, x0, noise, t) * snr_weights
+        mse = self.diffusion.per_example_loss(prediction, x0, noise, t) * snr_weights
+        elements = tf.cast(tf.reduce_prod(tf.shape(prediction)[1:]), tf.float32)
+        scale = importance_weights * snr_weights / elements
+        extras = {"mse": mse}
+        if var_values is None:
+            per_example = mse
+        else:
+            frozen = tf.concat([tf.stop_gradient(prediction), var_values], axis=-1)
+            vlb = tf.cast(likelihood.timestep_vlb_bits(
+                self.diffusion, frozen, x0, x_t, t, discrete=self.is_image_model), tf.float32)
+            vlb_scale = self.vlb_weight * self.diffusion.num_timesteps
+            per_example = mse + vlb_scale * vlb
+            extras["vlb"] = vlb
+            log_ratio = tf.cast(tf.gather(tf.constant(
+                self.diffusion.log_betas - self.diffusion.posterior_log_variance_clipped,
+                tf.float64), t), tf.float32)
+            variance_scale = (importance_weights * vlb_scale * tf.square(log_ratio)
+                              / (16.0 * elements * math.log(2.0)))
+            scale = _per_channel_scale(output, scale, variance_scale)
+        extras["per_example"] = per_example
         objective = tf.reduce_mean(per_example * importance_weights)
-        elements = tf.cast(tf.reduce_prod(tf.shape(output)[1:]), tf.float32)
-        return ForwardPass(objective, output, "gaussian",
-                           per_example_scale=importance_weights * snr_weights / elements,
-                           extras={"per_example": per_example})
+        return ForwardPass(objective, output, "gaussian", per_example_scale=scale,
+                           extras=extras)
 
     def _quartile_of(self, t):
         """The quartile (0..3, 0 = least noise) of the chain that each ``t`` lies in."""
@@ -198,6 +300,13 @@ class DiffusionModel(keras.Model):
         quartile = self._quartile_of(t)
         for q, tracker in enumerate(self.quartile_trackers):
             tracker.update_state(per_example, sample_weight=tf.cast(quartile == q, tf.float32))
+
+    def _update_loss_metrics(self, objective, extras, t, batch):
+        """The loss, the per-quartile (weighted) MSE and, for learned_range, ``L_vlb``."""
+        self.loss_tracker.update_state(objective, sample_weight=tf.cast(batch, tf.float32))
+        self._update_quartiles(extras["mse"], t)
+        if self.vlb_tracker is not None:
+            self.vlb_tracker.update_state(extras["vlb"])
 
     def train_step(self, data):
         x0, label, _, _ = self._unpack(data)
@@ -221,8 +330,7 @@ class DiffusionModel(keras.Model):
         self.update_ema()
         self.timestep_sampler.update(t, per_example)
 
-        self.loss_tracker.update_state(objective, sample_weight=tf.cast(batch, tf.float32))
-        self._update_quartiles(per_example, t)
+        self._update_loss_metrics(objective, result.extras, t, batch)
         self.grad_norm_tracker.update_state(tf.linalg.global_norm(gradients))
         return {m.name: m.result() for m in self.metrics}
 
@@ -240,10 +348,8 @@ class DiffusionModel(keras.Model):
             denoiser, x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32), label,
             tf.ones([batch]), training=False,
         )
-        objective, per_example = result.loss, result.extras["per_example"]
-        self.loss_tracker.update_state(objective, sample_weight=tf.cast(batch, tf.float32))
-        self._update_quartiles(per_example, t)
-        return {m.name: m.result() for m in self.metrics[:-1]}
+        self._update_loss_metrics(result.loss, result.extras, t, batch)
+        return {m.name: m.result() for m in self._evaluation_metrics}
 
     # -- EMA -----------------------------------------------------------------
     def update_ema(self):
@@ -293,7 +399,8 @@ class DiffusionModel(keras.Model):
             def run(seed, num_steps, label, guidance_scale):
                 if label is not None:
                     label = tf.broadcast_to(label, [num_samples])
-                fn = samplers.denoiser_fn(denoiser, label, guidance_scale, self.null_label)
+                fn = samplers.denoiser_fn(denoiser, label, guidance_scale, self.null_label,
+                                          learned_variance=self.diffusion.learns_variance)
                 return samplers.sample(fn, self.diffusion, [num_samples, *self.data_shape],
                                        seed, num_steps, step, spacing, clip_x0)
 

@@ -10,7 +10,10 @@ stateless op seeded by ``(seed, step index)``.
 
 * Ancestral (Ho et al. 2020): ``x_s = c1 x0_hat + c2 x_t + sigma z`` with
   ``sigma^2 = beta~`` (``"fixed_small"``) or ``beta = 1 - abar_t / abar_s``
-  (``"fixed_large"``); no noise at the last step.
+  (``"fixed_large"``), or the network's own variance (``"learned_range"``, Nichol &
+  Dhariwal 2021: ``log sigma^2`` interpolated between ``log beta`` and ``log beta~`` of
+  the respaced chain, :func:`tfngd.gaussian_diffusion.learned_range_log_variance`);
+  no noise at the last step.
 * DDIM (Song et al. 2021): ``x_s = sqrt(abar_s) x0_hat +
   sqrt(1 - abar_s - sigma^2) eps_hat + sigma z`` with
   ``sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)``.
@@ -18,7 +21,9 @@ stateless op seeded by ``(seed, step index)``.
 Classifier-free guidance (Ho & Salimans 2022) is a wrapper around the
 denoiser: ``out = out_u + w (out_c - out_u)`` (w = 1: purely conditional;
 w = 0: unconditional). It is exact for every parameterisation because the
-conversions between eps, x0 and v are affine in the network output.
+conversions between eps, x0 and v are affine in the network output. A
+learned-variance output is guided on its prediction channels only; its variance
+channels are the conditional pass's (as in GLIDE and guided-diffusion).
 """
 
 from __future__ import annotations
@@ -34,7 +39,12 @@ SAMPLERS = ("ddpm", "ddim")
 
 
 class AncestralSampler:
-    """Ancestral DDPM step with fixed small (``beta~``) or fixed large (``beta``) variance."""
+    """Ancestral DDPM step with fixed small (``beta~``), fixed large (``beta``) or learned variance.
+
+    With ``variance_type="learned_range"``, :meth:`step` takes the model's per-element
+    ``log_variance`` (which :func:`sample` computes from the variance channels on the
+    chain being run); the fixed types ignore it.
+    """
 
     def __init__(self, variance_type: str = "fixed_small"):
         if variance_type not in gd.VARIANCE_TYPES:
@@ -43,13 +53,24 @@ class AncestralSampler:
             )
         self.variance_type = variance_type
 
-    def step(self, x_t, x0_hat, eps_hat, abar_t, abar_prev, noise):
+    @property
+    def uses_learned_variance(self) -> bool:
+        return self.variance_type in gd.LEARNED_VARIANCE_TYPES
+
+    def step(self, x_t, x0_hat, eps_hat, abar_t, abar_prev, noise, log_variance=None):
         del eps_hat
         c1, c2, posterior_var = gd.posterior_coefficients(abar_t, abar_prev)
-        var = posterior_var if self.variance_type == "fixed_small" else 1.0 - abar_t / abar_prev
         dtype = x_t.dtype
-        return (tf.cast(c1, dtype) * x0_hat + tf.cast(c2, dtype) * x_t
-                + tf.cast(tf.sqrt(var), dtype) * noise)
+        if self.uses_learned_variance:
+            if log_variance is None:
+                raise ValueError(f"variance_type={self.variance_type!r}: step needs the model's "
+                                 "log_variance")
+            sigma = tf.exp(0.5 * tf.cast(log_variance, dtype))
+        else:
+            var = (posterior_var if self.variance_type == "fixed_small"
+                   else 1.0 - abar_t / abar_prev)
+            sigma = tf.cast(tf.sqrt(var), dtype)
+        return (tf.cast(c1, dtype) * x0_hat + tf.cast(c2, dtype) * x_t + sigma * noise)
 
 
 class DDIMSampler:
@@ -60,7 +81,9 @@ class DDIMSampler:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = float(eta)
 
-    def step(self, x_t, x0_hat, eps_hat, abar_t, abar_prev, noise):
+    def step(self, x_t, x0_hat, eps_hat, abar_t, abar_prev, noise, log_variance=None):
+        """One DDIM step; a learned ``log_variance`` is ignored (DDIM sets its own)."""
+        del log_variance
         sigma = (self.eta * tf.sqrt((1.0 - abar_prev) / (1.0 - abar_t))
                  * tf.sqrt(1.0 - abar_t / abar_prev))
         direction = tf.sqrt(tf.maximum(1.0 - abar_prev - tf.square(sigma), 0.0))
@@ -77,11 +100,15 @@ def make_sampler(name: str, variance_type: str = "fixed_small", eta: float = 0.0
     raise ValueError(f"Unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
 
 
-def denoiser_fn(denoiser, label=None, guidance_scale=None, null_label: int | None = None):
+def denoiser_fn(denoiser, label=None, guidance_scale=None, null_label: int | None = None,
+                learned_variance: bool = False):
     """Wrap a denoiser ``model([x, t(, label)])`` as ``fn(x, t) -> prediction``.
 
     With ``label`` and ``guidance_scale`` given, applies classifier-free
-    guidance against ``null_label`` in one batched call of size ``2B``.
+    guidance against ``null_label`` in one batched call of size ``2B``. With
+    ``learned_variance`` (the diffusion's ``learns_variance``: the output's last axis is
+    the prediction, then as many variance channels) guidance combines the prediction
+    channels only and keeps the conditional pass's variance channels.
     """
     if label is None:
         return lambda x, t: denoiser([x, t], training=False)
@@ -97,10 +124,17 @@ def denoiser_fn(denoiser, label=None, guidance_scale=None, null_label: int | Non
             training=False,
         )
         conditional, unconditional = tf.split(both, 2, axis=0)
+        variance = None
+        if learned_variance:
+            conditional, variance = tf.split(conditional, 2, axis=-1)
+            unconditional, _ = tf.split(unconditional, 2, axis=-1)
         scale = tf.cast(guidance_scale, unconditional.dtype)
         scale = tf.reshape(scale, tf.concat([tf.shape(scale), tf.ones([len(x.shape) - 1],
                                                                       tf.int32)], 0))
-        return unconditional + scale * (conditional - unconditional)
+        guided_prediction = unconditional + scale * (conditional - unconditional)
+        if variance is None:
+            return guided_prediction
+        return tf.concat([guided_prediction, variance], axis=-1)
 
     return guided
 
@@ -134,13 +168,26 @@ def sample(
       clip_x0: clip the predicted ``x_0`` to [-1, 1] at every step (and
         recompute ``eps`` from it).
 
+    With a ``learned_range`` diffusion ``fn`` returns the prediction and the variance
+    channels (:meth:`GaussianDiffusion.split_output`); the prediction drives every
+    sampler, and an ancestral ``learned_range`` sampler draws with the learned variance
+    interpolated between the respaced chain's ``beta'`` and ``beta~'``
+    (:func:`tfngd.gaussian_diffusion.respaced_log_variance_bounds`), as the reference's
+    ``SpacedDiffusion`` does. DDIM ignores the variance channels.
+
     Returns:
       The samples ``x_0``, of the given shape.
     """
     sampler = sampler or DDIMSampler(0.0)
+    learned_sampler = getattr(sampler, "uses_learned_variance", False)
+    if learned_sampler and not diffusion.learns_variance:
+        raise ValueError(f"the sampler uses a learned variance, but the diffusion's "
+                         f"variance_type is {diffusion.variance_type!r}")
     timesteps = schedules.respaced_timesteps(diffusion.num_timesteps, num_steps, spacing)
     abar_kept = tf.gather(tf.constant(diffusion.alphas_cumprod, tf.float64), timesteps)
     abar_prev_kept = tf.concat([tf.ones([1], tf.float64), abar_kept[:-1]], axis=0)
+    if learned_sampler:
+        log_beta_kept, log_beta_tilde_kept = gd.respaced_log_variance_bounds(abar_kept)
     x = tf.random.stateless_normal(shape, seed=step_seed(seed, 0), dtype=dtype)
     batch = tf.shape(x)[0]
 
@@ -148,14 +195,20 @@ def sample(
         t = timesteps[i]
         abar_t, abar_prev = abar_kept[i], abar_prev_kept[i]
         output = tf.cast(fn(x, tf.fill([batch], t)), dtype)
+        prediction, var_values = diffusion.split_output(output)
         x0_hat, eps_hat = gd.prediction_to_x0_eps(
-            output, x, tf.cast(abar_t, dtype), diffusion.prediction_type
+            prediction, x, tf.cast(abar_t, dtype), diffusion.prediction_type
         )
         if clip_x0:
             x0_hat = tf.clip_by_value(x0_hat, -1.0, 1.0)
             eps_hat = gd.eps_from_x0(x, x0_hat, tf.cast(abar_t, dtype))
         noise = tf.random.stateless_normal(tf.shape(x), seed=step_seed(seed, i + 1), dtype=dtype)
         noise = noise * tf.cast(i > 0, dtype)
+        if learned_sampler:
+            log_variance = gd.learned_range_log_variance(
+                var_values, log_beta_kept[i], log_beta_tilde_kept[i])
+            return i - 1, sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise,
+                                       log_variance=log_variance)
         return i - 1, sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise)
 
     _, x = tf.while_loop(

@@ -3,7 +3,8 @@
 Inputs: ``x`` of shape ``[B, H, W, C]``, timesteps ``t`` (int32, or float32) of shape
 ``[B]`` and, for a class-conditional model, integer labels of shape ``[B]``
 in ``[0, num_classes]`` where ``num_classes`` is the null label used for
-classifier-free guidance. Output: a tensor shaped like ``x`` (float32).
+classifier-free guidance. Output: a tensor shaped like ``x`` (float32), or with
+``output_channels`` channels (e.g. ``2C`` for a learned variance).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def build_unet(
     num_classes: int | None = None,
     time_dtype: str = "int32",
     name: str = "unet",
+    output_channels: int | None = None,
 ) -> keras.Model:
     """Build a U-Net denoiser.
 
@@ -45,6 +47,10 @@ def build_unet(
         is the null label), or None.
       time_dtype: the ``t`` input's dtype, ``"int32"`` (timestep index) or
         ``"float32"`` (continuous time on the same scale).
+      name: the model's name.
+      output_channels: channels of the (zero-initialised) output convolution; default
+        the image's ``C``. A learned-variance model needs ``2C``
+        (:func:`tfngd.gaussian_diffusion.output_channels`).
     """
     height, width, channels = (int(s) for s in image_shape)
     factor = 2 ** (len(channel_mults) - 1)
@@ -59,6 +65,11 @@ def build_unet(
         )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    output_channels = channels if output_channels is None else output_channels
+    if (isinstance(output_channels, bool) or not isinstance(output_channels, int)
+            or output_channels < 1):
+        raise ValueError(f"output_channels must be an integer >= 1 (or None for the image's "
+                         f"{channels} channels), got {output_channels!r}")
 
     x_in = keras.Input(shape=(height, width, channels), name="x")
     emb_dim = 4 * base_channels
@@ -99,7 +110,7 @@ def build_unet(
 
     h = layers.GroupNormalization(groups, epsilon=1e-5, name="out_norm")(h)
     h = layers.Activation("silu", name="out_act")(h)
-    out = layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros",
+    out = layers.Conv2D(output_channels, 3, padding="same", kernel_initializer="zeros",
                         name="out_conv")(h)
     out = layers.Activation("linear", dtype="float32", name="output")(out)
     return keras.Model([x_in, *cond_inputs], out, name=name)
