@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from tfngd import images, samplers
 from tfngd.optimizers.training import kfac_of
+from tfngd.sde import SDE_SAMPLERS
 
 # Kinds of K-FAC steps whose wall-clock times are averaged separately (see _curvature_timing).
 _KFAC_STEP_KINDS = ("update", "statistics", "inverse")
@@ -85,8 +86,9 @@ def sample_image(
         image_kwargs.setdefault("ncols", min(num_classes, num_samples))
     sample_kwargs.setdefault("use_ema", True)
     num_steps = min(int(num_steps), model.diffusion.num_timesteps)
-    samples = model.sample(num_samples, seed=seed, num_steps=num_steps, sampler=sampler,
-                           **sample_kwargs)
+    if sampler is not None:  # None: the model's sample() has no choice of sampler (NDM)
+        sample_kwargs["sampler"] = sampler
+    samples = model.sample(num_samples, seed=seed, num_steps=num_steps, **sample_kwargs)
     return images.samples_to_image(_to_numpy(samples), **image_kwargs)
 
 
@@ -97,8 +99,9 @@ def _check_sampling_args(every: int, num_samples: int, sample_steps: int, sample
         raise ValueError(
             f"num_samples and sample_steps must be >= 1, got {num_samples}, {sample_steps}"
         )
-    if sampler not in samplers.SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
+    valid = (*samplers.SAMPLERS, *SDE_SAMPLERS)
+    if sampler is not None and sampler not in valid:
+        raise ValueError(f"Unknown sampler {sampler!r}; valid: {', '.join(valid)} (or None)")
 
 
 class DiffusionTensorBoard(keras.callbacks.Callback):

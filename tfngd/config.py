@@ -20,8 +20,9 @@ import keras
 
 from tfngd import data as data_lib
 from tfngd import gaussian_diffusion as gd
-from tfngd import samplers, schedules, timestep_sampling
+from tfngd import schedules, sde, timestep_sampling
 from tfngd.model import DiffusionModel
+from tfngd.ndm import REVERSE_PARAMETERISATIONS, NeuralDiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
 from tfngd.optimizers.curvature_blocks import APPROXIMATIONS, INVERSE_METHODS
 
@@ -29,6 +30,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "kfac")
 # Peak learning rate of each optimizer when --learning-rate is not given: Adam's and K-FAC's
 # were compared on the main job (docs/kfac.md, section 7); SGD's is a starting point only.
 DEFAULT_LEARNING_RATES = {"adam": 2e-3, "adamw": 2e-3, "sgd": 5e-2, "kfac": 0.1}
+# What is trained: a discrete-time DDPM (tfngd.model), a continuous-time score model on an SDE
+# (tfngd.sde), or a Neural Diffusion Model with a learned forward transform (tfngd.ndm).
+MODELS = ("ddpm", "score_sde", "ndm")
+# The samplers of each kind of model; the first is what sampler="auto" picks.
+MODEL_SAMPLERS = {"ddpm": ("ddim", "ddpm"), "score_sde": sde.SDE_SAMPLERS, "ndm": ("ddpm",)}
+SAMPLER_CHOICES = ("auto", *dict.fromkeys(s for kinds in MODEL_SAMPLERS.values() for s in kinds))
 
 
 class ConfigError(ValueError):
@@ -56,12 +63,15 @@ class TrainConfig:
     conditional: bool = False
     class_dropout: float = 0.1
     # diffusion
+    model: str = "ddpm"
+    sde: str = "vp"
     schedule: str = "cosine"
     num_timesteps: int = 1000
     prediction_type: str = "eps"
     variance_type: str = "fixed_small"
     zero_terminal_snr: bool = False
     min_snr_gamma: float | None = None
+    vlb_weight: float = 0.001
     timestep_sampler: str = "uniform"
     # optimisation
     optimizer: str = "kfac"
@@ -84,7 +94,7 @@ class TrainConfig:
     jit_compile: bool = False
     seed: int = 0
     # sampling
-    sampler: str = "ddim"
+    sampler: str = "auto"
     sample_steps: int = 50
     eta: float = 0.0
     clip_x0: bool = True
@@ -154,6 +164,7 @@ class TrainConfig:
             raise ConfigError("zero_terminal_snr needs prediction_type 'v' or 'x0', not 'eps'")
         if self.min_snr_gamma is not None:
             real("min_snr_gamma", self.min_snr_gamma, 0.0, 1e6, low_open=True)
+        real("vlb_weight", self.vlb_weight, 0.0, 1e6)
         choice("timestep_sampler", self.timestep_sampler, timestep_sampling.TIMESTEP_SAMPLERS)
         choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.learning_rate is not None:
@@ -182,12 +193,54 @@ class TrainConfig:
             )
         real("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         integer("seed", self.seed, 0, 2**31 - 1)
-        choice("sampler", self.sampler, samplers.SAMPLERS)
+        self._validate_model_kind(choice)
         integer("sample_steps", self.sample_steps, 1, self.num_timesteps)
         real("eta", self.eta, 0.0, 1e3)
         if self.num_samples is not None:
             integer("num_samples", self.num_samples, 1, 65_536)
         return self
+
+    def _validate_model_kind(self, choice) -> None:
+        """The options that depend on ``model`` (what each kind of model supports)."""
+        choice("model", self.model, MODELS)
+        choice("sampler", self.sampler, SAMPLER_CHOICES)
+        if self.sampler != "auto" and self.sampler not in MODEL_SAMPLERS[self.model]:
+            raise ConfigError(f"sampler={self.sampler!r} does not sample a model={self.model!r}; "
+                              f"choose one of: {', '.join(('auto', *MODEL_SAMPLERS[self.model]))}")
+        if self.model == "score_sde":
+            choice("sde", self.sde, sde.SDE_NAMES)
+            if self.timestep_sampler != "uniform":
+                raise ConfigError("model='score_sde' draws continuous times t ~ U(eps, 1): "
+                                  "timestep_sampler must be 'uniform'")
+        if self.model == "ndm":
+            if self.prediction_type not in REVERSE_PARAMETERISATIONS:
+                raise ConfigError(
+                    "model='ndm' predicts the data: prediction_type must be one of "
+                    f"{', '.join(REVERSE_PARAMETERISATIONS)}, not {self.prediction_type!r}")
+            if self.conditional:
+                raise ConfigError("model='ndm' is unconditional: conditional must be False")
+        if self.model != "ddpm":
+            if self.min_snr_gamma is not None:
+                raise ConfigError(f"model={self.model!r} has no Min-SNR weighting: "
+                                  "min_snr_gamma must be none")
+            if self.variance_type != "fixed_small":
+                raise ConfigError(f"model={self.model!r} uses the fixed small variance: "
+                                  "variance_type must be 'fixed_small'")
+
+    @property
+    def sampling_method(self) -> str:
+        """``sampler``, with ``"auto"`` resolved to the model kind's first sampler."""
+        return MODEL_SAMPLERS[self.model][0] if self.sampler == "auto" else self.sampler
+
+    def sample_kwargs(self) -> dict:
+        """Keyword arguments of the model's ``sample`` for this run's sampler settings
+        (``num_steps`` included; ``num_samples`` and ``seed`` excluded)."""
+        if self.model == "score_sde":
+            return {"sampler": self.sampling_method, "num_steps": self.sample_steps}
+        if self.model == "ndm":
+            return {"num_steps": self.sample_steps, "clip_x0": self.clip_x0}
+        return {"sampler": self.sampling_method, "num_steps": self.sample_steps,
+                "eta": self.eta, "clip_x0": self.clip_x0}
 
     def samples_for(self, data_shape) -> int:
         """Samples in the final picture: a grid of 64 images, or a 2048-point scatter plot."""
@@ -250,9 +303,18 @@ def build_diffusion(config: TrainConfig) -> gd.GaussianDiffusion:
     )
 
 
-def build_denoiser(config: TrainConfig, data_shape: tuple, num_classes: int | None):
-    """The U-Net for image data (rank-3 examples), the MLP for vectors."""
+def build_denoiser(config: TrainConfig, data_shape: tuple, num_classes: int | None,
+                   name: str | None = None):
+    """The U-Net for image data (rank-3 examples), the MLP for vectors.
+
+    A ``score_sde`` model's network takes a float32 time (smooth in ``t``: the
+    probability-flow ODE's right-hand side is then not piecewise constant).
+    """
     classes = num_classes if config.conditional else None
+    time_dtype = "float32" if config.model == "score_sde" else "int32"
+    named = {} if name is None else {"name": name}
+    # learned_range: the network also outputs the variance values (2x the data channels).
+    out_channels = gd.output_channels(config.variance_type, data_shape[-1] if data_shape else 1)
     if config.conditional and num_classes is None:
         raise ConfigError(f"conditional=True, but data set {config.dataset!r} has no labels")
     if len(data_shape) == 3:
@@ -266,22 +328,50 @@ def build_denoiser(config: TrainConfig, data_shape: tuple, num_classes: int | No
             dropout=config.dropout,
             groups=config.groups,
             num_classes=classes,
+            time_dtype=time_dtype,
+            output_channels=out_channels,
+            **named,
         )
     if len(data_shape) == 1:
         return build_mlp_denoiser(
-            data_shape[0], config.hidden_units, config.num_blocks, num_classes=classes
+            data_shape[0], config.hidden_units, config.num_blocks, num_classes=classes,
+            time_dtype=time_dtype, out_dim=out_channels, **named,
         )
     raise ConfigError(f"unsupported example shape {data_shape}: expected (H, W, C) or (D,)")
 
 
 def build_model(config: TrainConfig, data_shape: tuple,
-                num_classes: int | None = None) -> DiffusionModel:
-    """The (uncompiled) :class:`DiffusionModel` that ``config`` describes.
+                num_classes: int | None = None) -> keras.Model:
+    """The (uncompiled) model that ``config`` describes: a :class:`DiffusionModel`
+    (``model="ddpm"``), a :class:`~tfngd.sde.ScoreSDEModel` (``"score_sde"``, on the
+    SDE named by ``config.sde``) or a :class:`~tfngd.ndm.NeuralDiffusionModel`
+    (``"ndm"``: transform and reverse network of the same architecture).
 
     The initial weights are a function of ``config.seed`` (Keras' global
     seed is set from it before the layers are built).
     """
     keras.utils.set_random_seed(config.seed)
+    data_shape = tuple(data_shape)
+    if config.model == "score_sde":
+        diffusion = build_diffusion(config)
+        return sde.ScoreSDEModel(
+            build_denoiser(config, data_shape, num_classes),
+            sde.make_sde(config.sde, diffusion=diffusion),
+            prediction_type=config.prediction_type,
+            ema_decay=config.ema_decay,
+            num_classes=num_classes if config.conditional else None,
+            class_dropout=config.class_dropout,
+            seed=config.seed,
+        )
+    if config.model == "ndm":
+        return NeuralDiffusionModel(
+            build_denoiser(config, data_shape, None, name="transform_network"),
+            build_denoiser(config, data_shape, None, name="reverse_network"),
+            build_diffusion(config),
+            timestep_sampler=config.timestep_sampler,
+            ema_decay=config.ema_decay,
+            seed=config.seed,
+        )
     return DiffusionModel(
         build_denoiser(config, tuple(data_shape), num_classes),
         build_diffusion(config),
@@ -289,6 +379,7 @@ def build_model(config: TrainConfig, data_shape: tuple,
         ema_decay=config.ema_decay,
         num_classes=num_classes if config.conditional else None,
         class_dropout=config.class_dropout,
+        vlb_weight=config.vlb_weight,
         seed=config.seed,
     )
 
@@ -350,6 +441,8 @@ OPTION_HELP = {
     "variance_type": f"reverse-process variance: {', '.join(gd.VARIANCE_TYPES)}",
     "zero_terminal_snr": "rescale the schedule to zero terminal SNR (needs v or x0 prediction)",
     "min_snr_gamma": "Min-SNR-gamma loss weighting (e.g. 5); 'none' disables",
+    "vlb_weight": "weight lambda of the variational-bound term in the hybrid loss "
+    "L_simple + lambda L_vlb (Nichol & Dhariwal: 0.001); learned_range only, ignored otherwise",
     "timestep_sampler": "training timestep sampler: "
     + ", ".join(timestep_sampling.TIMESTEP_SAMPLERS),
     "optimizer": f"optimizer: {', '.join(OPTIMIZERS)}",
@@ -376,7 +469,12 @@ OPTION_HELP = {
     "ema_decay": "decay of the EMA weights used for sampling and evaluation",
     "jit_compile": "compile the train step with XLA",
     "seed": "seed of initialisation, data order, timesteps and noise",
-    "sampler": f"sampler for the sample grid and the export: {', '.join(samplers.SAMPLERS)}",
+    "model": "what is trained: " + ", ".join(MODELS) + " (discrete-time DDPM; continuous-time "
+    "score model on an SDE; Neural Diffusion Model with a learned forward transform, needs "
+    "prediction_type x0 or v)",
+    "sde": f"the SDE of a score_sde model: {', '.join(sde.SDE_NAMES)}",
+    "sampler": "sampler for the sample grid and the export: auto (the model's first), "
+    + "; ".join(f"{kind}: {', '.join(names)}" for kind, names in MODEL_SAMPLERS.items()),
     "sample_steps": "sampling steps (respaced chain)",
     "eta": "DDIM eta (0: deterministic)",
     "clip_x0": "clip the predicted x0 to [-1, 1] while sampling",

@@ -456,10 +456,12 @@ def training_batches(x: np.ndarray, batch_size: int, seed: int, start_step: int 
 
 
 def evaluation_bank(x: np.ndarray, num_timesteps: int, seed: int, batch_size: int,
-                    labels: np.ndarray | None = None) -> tf.data.Dataset:
+                    labels: np.ndarray | None = None,
+                    min_timestep: int = 0) -> tf.data.Dataset:
     """A fixed bank of ``(x0, t, noise)`` for held-out losses, drawn once from ``seed``.
 
-    ``t`` is uniform int32 in ``[0, num_timesteps)``, ``noise`` standard normal float32
+    ``t`` is uniform int32 in ``[min_timestep, num_timesteps)`` (an NDM's bound terms
+    start at 1), ``noise`` standard normal float32
     shaped like ``x`` (both from ``numpy.random.default_rng(seed)``, in that order).
     Batches of dicts ``{"x0", "t", "noise"}`` (plus ``"label"``), the last one partial.
     """
@@ -469,10 +471,13 @@ def evaluation_bank(x: np.ndarray, num_timesteps: int, seed: int, batch_size: in
     if len(x) == 0:
         raise DataError("evaluation_bank: no examples")
     labels = _check_labels(labels, len(x))
+    if not 0 <= min_timestep < num_timesteps:
+        raise DataError(f"evaluation_bank: min_timestep must be in [0, {num_timesteps - 1}], "
+                        f"got {min_timestep}")
     rng = np.random.default_rng(seed)
     bank = {
         "x0": x,
-        "t": rng.integers(0, num_timesteps, size=len(x)).astype(np.int32),
+        "t": rng.integers(min_timestep, num_timesteps, size=len(x)).astype(np.int32),
         "noise": rng.standard_normal(x.shape, dtype=np.float32),
     }
     if labels is not None:

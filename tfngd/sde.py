@@ -755,6 +755,19 @@ class ContinuousTimeDiffusion:
         """N: the grid of integer timesteps (evaluation banks, loss quartiles)."""
         return self.sde.num_steps
 
+    variance_type = "fixed_small"  # the network predicts no variance
+    learns_variance = False
+
+    @staticmethod
+    def output_channels(data_channels: int) -> int:
+        """Channels of the network output: the prediction only (no learned variance)."""
+        return data_channels
+
+    @staticmethod
+    def split_output(model_output):
+        """``(prediction, None)``: the whole output is the prediction."""
+        return model_output, None
+
     def continuous_time(self, t) -> tf.Tensor:
         """Float32 times; integer timesteps ``i`` become ``(i + 1) / N``."""
         t = tf.convert_to_tensor(t)

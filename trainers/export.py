@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     from trainers.train import next_version
 
     try:
+        config, _, _ = runs.read_run_metadata(args.run_dir)
+        if config.model != "ddpm":
+            raise ConfigError(f"{args.run_dir} is a model={config.model!r} run; the SavedModel "
+                              "sampler serves model='ddpm' runs only")
         config, model, _ = runs.load_trained_model(args.run_dir)
         name = args.name or config.dataset
         version = args.version or next_version(args.export_root, name)
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
         if os.path.exists(export_dir):
             return cli.fail(PROGRAM, f"{export_dir} exists; choose another --version")
         export.export_sampler(
-            model, export_dir, sampler=args.sampler or config.sampler,
+            model, export_dir, sampler=args.sampler or config.sampling_method,
             eta=config.eta if args.eta is None else args.eta, clip_x0=config.clip_x0,
             max_samples=args.max_samples,
         )

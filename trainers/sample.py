@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -10,7 +11,7 @@ PROGRAM = "tfngd-sample"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tfngd import samplers
+    from tfngd.config import SAMPLER_CHOICES
     from trainers import cli
 
     parser = argparse.ArgumentParser(
@@ -25,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: the run's sample_steps; 50 for SavedModels)")
-    parser.add_argument("--sampler", choices=samplers.SAMPLERS, default=None,
-                        help="sampler (run dirs only; default: the run's)")
+    parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
+                        help="sampler (run dirs only; default: the run's; which ones a run "
+                        "takes depends on its model kind)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (run dirs only)")
     parser.add_argument("--label", type=int, default=None, help="class label (conditional)")
     parser.add_argument("--guidance-scale", type=float, default=None,
@@ -37,13 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 def samples_from_run(args):
     from tfngd import runs
 
+    config, _, _ = runs.read_run_metadata(args.run_dir)  # check the options before loading
+    settings = dataclasses.replace(
+        config, sampler=args.sampler or config.sampler,
+        eta=config.eta if args.eta is None else args.eta).validate()
     config, model, _ = runs.load_trained_model(args.run_dir)
-    return model.sample(
-        args.num_samples, seed=args.seed, num_steps=args.steps or config.sample_steps,
-        sampler=args.sampler or config.sampler,
-        eta=config.eta if args.eta is None else args.eta, clip_x0=config.clip_x0,
-        label=args.label, guidance_scale=args.guidance_scale,
-    ).numpy()
+    kwargs = settings.sample_kwargs()
+    kwargs["num_steps"] = args.steps or config.sample_steps
+    if config.model != "ndm":  # NDMs are unconditional
+        kwargs.update(label=args.label, guidance_scale=args.guidance_scale)
+    return model.sample(args.num_samples, seed=args.seed, **kwargs).numpy()
 
 
 def samples_from_saved_model(args):

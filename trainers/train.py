@@ -100,14 +100,18 @@ def train(config: TrainConfig, run_dir: str, *, export_root: str | None = "saved
     eval_ds = data_lib.evaluation_bank(
         splits.eval, config.num_timesteps, seed=config.seed + 1, batch_size=256,
         labels=splits.eval_labels if labels else None,
+        min_timestep=1 if config.model == "ndm" else 0,
     )
+    sample_kwargs = config.sample_kwargs()
     fit_callbacks = [
         checkpointing.CheckpointCallback(runs.checkpoint_dir(run_dir)),
         callbacks.DiffusionTensorBoard(
             runs.log_dir(run_dir), sample_every_epochs=sample_every_epochs,
             num_samples=min(config.samples_for(splits.data_shape), 1024),
-            sample_steps=config.sample_steps, sampler=config.sampler, seed=config.seed,
-            sample_kwargs={"eta": config.eta, "clip_x0": config.clip_x0},
+            sample_steps=config.sample_steps, seed=config.seed,
+            sampler=sample_kwargs.get("sampler"),
+            sample_kwargs={k: v for k, v in sample_kwargs.items()
+                           if k not in ("sampler", "num_steps")},
         ),
     ]
     started = time.perf_counter()
@@ -121,8 +125,7 @@ def train(config: TrainConfig, run_dir: str, *, export_root: str | None = "saved
     train_seconds = time.perf_counter() - started
 
     samples = model.sample(config.samples_for(splits.data_shape), seed=config.seed,
-                           num_steps=config.sample_steps, sampler=config.sampler, eta=config.eta,
-                           clip_x0=config.clip_x0)
+                           **sample_kwargs)
     grid_path = images.save_png(os.path.join(run_dir, "samples.png"),
                                 images.samples_to_image(samples.numpy()))
     summary = {
@@ -132,10 +135,13 @@ def train(config: TrainConfig, run_dir: str, *, export_root: str | None = "saved
         "final_val_loss": history.get("val_loss", [None])[-1],
         "steps": int(model.optimizer.iterations.numpy()),
     }
-    if export_root is not None:
+    if export_root is not None and config.model != "ddpm":
+        summary["saved_model"] = (f"not exported: the SavedModel sampler serves model='ddpm' "
+                                  f"runs, this is model={config.model!r}")
+    elif export_root is not None:
         name = export_name or config.dataset
         export_dir = os.path.join(export_root, name, str(next_version(export_root, name)))
-        export.export_sampler(model, export_dir, sampler=config.sampler, eta=config.eta,
+        export.export_sampler(model, export_dir, sampler=config.sampling_method, eta=config.eta,
                               clip_x0=config.clip_x0)
         summary["saved_model"] = export_dir
     return summary
