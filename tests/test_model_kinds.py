@@ -51,6 +51,11 @@ def test_each_model_kind_builds_its_model_and_resolves_its_sampler():
     assert {model.transform_network.name, model.reverse_network.name} == {
         "transform_network", "reverse_network"}
     assert "sampler" not in ndm.sample_kwargs()
+    learned = TrainConfig(dataset="checkerboard", model="ndm", prediction_type="x0",
+                          variance_type="learned_range").validate()
+    model = build_model(learned, shape)
+    assert model.transform_network.outputs[0].shape[-1] == 2  # F_phi maps data to data
+    assert model.reverse_network.outputs[0].shape[-1] == 4  # prediction, variance values
 
 
 @pytest.mark.parametrize(("options", "words"), [
@@ -62,6 +67,7 @@ def test_each_model_kind_builds_its_model_and_resolves_its_sampler():
     ({"model": "score_sde", "sde": "ve"}, ["sde='ve'", "vp, subvp, ddpm"]),
     ({"model": "score_sde", "timestep_sampler": "loss_second_moment"}, ["uniform"]),
     ({"model": "score_sde", "min_snr_gamma": 5.0}, ["min_snr_gamma"]),
+    ({"model": "score_sde", "variance_type": "learned_range"}, ["variance_type"]),
     ({"model": "ddpm", "sampler": "ode"}, ["sampler='ode'", "ddim, ddpm"]),
 ])
 def test_options_a_model_kind_does_not_take_are_refused_by_name(options, words):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfngd import data as data_lib
 from tfngd import samplers
 from tfngd.gaussian_diffusion import GaussianDiffusion
 from tfngd.likelihood import (
@@ -385,3 +386,229 @@ def test_bad_input_is_refused_with_a_clear_message():
         model.fit(np.zeros((8, 3), "float32"), batch_size=4, verbose=0)
     with pytest.raises(ValueError, match="labels"):
         model.fit((np.zeros((8, 2), "float32"), np.zeros(8, "int32")), batch_size=4, verbose=0)
+
+
+# ----------------------------------------------------------------- learned variances
+
+
+class VarianceValues(keras.layers.Layer):
+    """A trainable variance value ``v`` per channel, the same for every example."""
+
+    def __init__(self, channels, value=-1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.channels, self.value = int(channels), float(value)
+
+    def build(self, input_shape):
+        self.v = self.add_weight(shape=(self.channels,), name="v",
+                                 initializer=keras.initializers.Constant(self.value))
+
+    def call(self, prediction):
+        return keras.ops.zeros_like(prediction[..., :self.channels]) + self.v
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "value": self.value}
+
+
+def with_variance_values(network, value=-1.0):
+    """``network``'s output (the prediction), then a variance block ``v = value`` (2C channels)."""
+    prediction = network.outputs[0]
+    values = VarianceValues(prediction.shape[-1], value, name="variance_values")(prediction)
+    return keras.Model(network.inputs, keras.layers.Concatenate()([prediction, values]),
+                       name=f"{network.name}_with_variance")
+
+
+def learned_diffusion(prediction_type="x0"):
+    return GaussianDiffusion("cosine", T, prediction_type=prediction_type,
+                             variance_type="learned_range")
+
+
+def make_learned_ndm(seed=0, identity=False, hidden=16, randomised=True, **kwargs):
+    """A learned_range NDM: random transform and a random reverse MLP with 2C outputs."""
+    transform = mlp("transform", seed, hidden)
+    keras.utils.set_random_seed(seed + 1)
+    reverse = build_mlp_denoiser(2, hidden_units=hidden, num_blocks=1, name="reverse", out_dim=4)
+    if randomised:
+        randomise(transform, seed + 100, scale=3.0)
+        randomise(reverse, seed + 1)
+    return NeuralDiffusionModel(transform, reverse, learned_diffusion(),
+                                identity_transform=identity, seed=seed, **kwargs)
+
+
+def test_learned_variance_at_v_minus_one_is_the_fixed_small_model_exactly():
+    """v = -1 gives frac = 0: lv = the clipped log beta~ exactly (also at t = 0), so the
+    bound's terms and the mean residuals are fixed_small's to the bit (eager, per example),
+    the graph-mode bound and the samples to rounding."""
+    fixed = make_ndm(randomise_transform=True, seed=3)
+    learned = NeuralDiffusionModel(fixed.transform_network,
+                                   with_variance_values(fixed.reverse_network),
+                                   learned_diffusion(), seed=3)
+    x, t, noise, decoder_noise = draws((32, 2), seed=6)
+    a = fixed.bound_terms(x, t, noise, decoder_noise)
+    b = learned.bound_terms(x, t, noise, decoder_noise)
+    for name in ("prior", "diffusion", "reconstruction", "timestep_kl", "total"):
+        np.testing.assert_array_equal(getattr(b, name).numpy(), getattr(a, name).numpy())
+    assert a.residuals.shape == (32, 6) and b.residuals.shape == (32, 10)
+    np.testing.assert_array_equal(b.residuals[:, :6].numpy(), a.residuals.numpy())
+    # The variance block is lv / 2 (scaled like its term): the clipped log beta~ here.
+    log_beta_tilde = fixed.diffusion.posterior_log_variance_clipped
+    expected = math.sqrt(T - 1) * 0.5 * log_beta_tilde[t.numpy()]
+    np.testing.assert_allclose(b.residuals[:, 6:8].numpy(),
+                               np.repeat(expected[:, None], 2, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(b.residuals[:, 8:].numpy(), 0.5 * log_beta_tilde[0], rtol=1e-6)
+    # In graph mode (tf.function) grappler may fuse the two models' ops differently.
+    held_out = ring(64, 3)
+    np.testing.assert_allclose(learned.per_example_bound(held_out, seed=2),
+                               fixed.per_example_bound(held_out, seed=2), rtol=1e-6)
+    # Sampling: sqrt(beta~') vs exp(log(beta~') / 2) of the respaced chain.
+    for num_steps in (T, 6):
+        np.testing.assert_allclose(learned.sample(32, seed=4, num_steps=num_steps).numpy(),
+                                   fixed.sample(32, seed=4, num_steps=num_steps).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_learned_variance_kl_and_decoder_match_numpy():
+    model = make_learned_ndm(seed=2)
+    x, t, noise, decoder_noise = draws((32, 2), seed=5)
+    terms = model.bound_terms(x, t, noise, decoder_noise)
+    x64, tn = x.numpy().astype(np.float64), t.numpy()
+    noise64, decoder64 = noise.numpy().astype(np.float64), decoder_noise.numpy()
+    betas = model.diffusion.betas
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    beta_tilde = betas * (1 - abar_prev) / (1 - abar)
+    log_beta_tilde = np.log(np.append(beta_tilde[1], beta_tilde[1:]))
+
+    def column(values):
+        return values[:, None]
+
+    def transform(points, times):
+        return model.transform(points.astype("float32"), times).numpy().astype(np.float64)
+
+    # The NDM posterior in its original form: alpha_s F(x, s) + sqrt(sigma_s^2 - st^2)
+    # (z_t - alpha_t F(x, t)) / sigma_t, with st^2 = beta~_t.
+    alpha_t, sigma_t = column(np.sqrt(abar[tn])), column(np.sqrt(1 - abar[tn]))
+    alpha_s, sigma2_s = column(np.sqrt(abar_prev[tn])), column(1 - abar_prev[tn])
+    z_t = alpha_t * transform(x64, tn) + sigma_t * noise64
+    output = model.reverse_network([tf.constant(z_t, tf.float32), t]).numpy().astype(np.float64)
+    x_hat, v = output[:, :2], output[:, 2:]
+
+    def posterior_mean(data):
+        return (alpha_s * transform(data, tn - 1) + np.sqrt(sigma2_s - column(beta_tilde[tn]))
+                * (z_t - alpha_t * transform(data, tn)) / sigma_t)
+
+    mean_q, mean_p = posterior_mean(x64), posterior_mean(x_hat)
+    lv_q = column(log_beta_tilde[tn])
+    frac = (v + 1) / 2
+    lv_p = frac * column(np.log(betas[tn])) + (1 - frac) * lv_q
+    assert np.abs(v).max() > 0.2  # the variance values really vary
+    kl = 0.5 * (-1 + lv_p - lv_q + np.exp(lv_q - lv_p)
+                + (mean_q - mean_p) ** 2 * np.exp(-lv_p)).sum(axis=1)
+    np.testing.assert_allclose(terms.timestep_kl.numpy(), kl, rtol=2e-4)
+    np.testing.assert_allclose(terms.diffusion.numpy(), (T - 1) * kl, rtol=2e-4)
+
+    # The decoder uses the learned value at t = 0 (between log beta_0 and log beta~_1).
+    z_0 = np.sqrt(abar[0]) * x64 + np.sqrt(1 - abar[0]) * decoder64
+    output0 = model.reverse_network([tf.constant(z_0, tf.float32),
+                                     tf.zeros([32], tf.int32)]).numpy().astype(np.float64)
+    frac0 = (output0[:, 2:] + 1) / 2
+    lv_0 = frac0 * np.log(betas[0]) + (1 - frac0) * log_beta_tilde[0]
+    nll = 0.5 * (np.log(2 * np.pi) + lv_0 + (x64 - output0[:, :2]) ** 2 * np.exp(-lv_0))
+    np.testing.assert_allclose(terms.reconstruction.numpy(), nll.sum(axis=1), rtol=2e-4)
+
+
+def test_learned_identity_model_is_the_projects_learned_range_ddpm():
+    """Identity transform: the bound is ``likelihood.variational_bound`` of the learned_range
+    DDPM and the sampler is ``samplers.sample`` with the learned_range ancestral sampler."""
+    model = make_learned_ndm(seed=4, identity=True)
+    x = draws((8, 2))[0]
+    reverse = model.ema_reverse_network
+    ndm = model.per_example_bound(x.numpy(), seed=3)
+    ddpm = variational_bound(lambda z, t: reverse([z, t], training=False), model.diffusion, x,
+                             model.evaluation_batch_seed(3, 0), discrete=False)
+    np.testing.assert_allclose(ndm, 2 * ddpm["nats_per_dim"].numpy(), rtol=1e-5)
+    network = model.reverse_network
+    # A respaced chain of 7 steps: the learned range between that chain's beta' and beta~'.
+    ndm_samples = model.sample(64, seed=5, num_steps=7, use_ema=False).numpy()
+    ddpm_samples = samplers.sample(
+        lambda z, t: network([z, t], training=False), model.diffusion, [64, 2],
+        tf.constant(5, tf.int64), 7, samplers.AncestralSampler("learned_range"),
+        "trailing").numpy()
+    np.testing.assert_allclose(ndm_samples, ddpm_samples, rtol=1e-5, atol=1e-5)
+
+
+def test_variance_residuals_carry_the_fisher_of_the_log_variance():
+    """Exact Hessian of the objective in the variance values ``v`` = the residuals'
+    Gauss-Newton + the residual-squared terms that vanish at the optimum (at v = -1, where
+    lv_p = lv_q, the KL's curvature in lv is 1/2 + r_t^2 and the decoder's r_rec^2)."""
+    fixed = make_ndm(randomise_transform=True, seed=7)
+    reverse = with_variance_values(fixed.reverse_network)
+    model = NeuralDiffusionModel(fixed.transform_network, reverse, learned_diffusion(), seed=7)
+    v = reverse.get_layer("variance_values").v
+    x, t, noise, decoder_noise = draws((16, 2), seed=8)
+    weights = tf.constant(np.random.default_rng(2).uniform(0.5, 2.0, 16).astype("float32"))
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            result = model.training_objective(x, t, noise, decoder_noise, weights)
+        gradient = inner.gradient(result.loss, v)
+        residuals = result.outputs
+    hessian = outer.jacobian(gradient, v).numpy()
+    jacobian = outer.jacobian(residuals, v).numpy()  # [N, 5D, 2]
+    n, s = 16, result.per_example_scale
+    gauss_newton = 2 * s / n * np.einsum("nja,njb->ab", jacobian, jacobian)
+    diffusion = model.diffusion
+    slope_t = 0.5 * (diffusion.log_betas - diffusion.posterior_log_variance_clipped)[t.numpy()]
+    slope_0 = 0.5 * (diffusion.log_betas[0] - diffusion.posterior_log_variance_clipped[0])
+    r = residuals.numpy()
+    correction = s / n * (np.sum(r[:, 0:2] ** 2 * slope_t[:, None] ** 2, axis=0)
+                          + np.sum(r[:, 2:4] ** 2, axis=0) * slope_0 ** 2)
+    np.testing.assert_allclose(np.diag(hessian), np.diag(gauss_newton) + correction, rtol=1e-3)
+    np.testing.assert_allclose(hessian - np.diag(np.diag(hessian)), 0.0, atol=1e-6)
+    # The Gauss-Newton alone: the Fisher, (1/2) (d lv / d v)^2 with the terms' weights.
+    fisher = s / n * (0.5 * np.sum((T - 1) * weights.numpy() * slope_t ** 2) + 0.5 * n
+                      * slope_0 ** 2)
+    np.testing.assert_allclose(np.diag(gauss_newton), fisher, rtol=1e-4)
+
+
+def variance_kernel(model):
+    """The columns of the reverse MLP's output layer that produce the variance values."""
+    return model.reverse_network.get_layer("out").kernel.numpy()[:, 2:]
+
+
+@pytest.mark.parametrize("optimizer_name", ["adam", "kfac"])
+def test_learned_variance_trains_and_samples(optimizer_name):
+    keras.utils.set_random_seed(0)
+    model = make_learned_ndm(seed=0, randomised=False, ema_decay=0.0,
+                             timestep_sampler="loss_second_moment")
+    if optimizer_name == "adam":
+        optimizer = keras.optimizers.Adam(3e-3)
+    else:
+        optimizer = KFAC(learning_rate=0.05, damping=1e-2, inverse_every=5)
+    model.compile(optimizer=optimizer, jit_compile=False)  # XLA compilation costs more here
+    train = data_lib.make_toy_data("checkerboard", 64 * 8, seed=0)
+    before = variance_kernel(model)
+    epochs = 3 if optimizer_name == "adam" else 2  # 24 / 16 steps
+    history = model.fit(train, batch_size=64, epochs=epochs, shuffle=False, verbose=0)
+    losses = history.history["loss"]
+    print(f"{optimizer_name}: learned_range training loss {losses}")
+    for key in ("loss", "prior", "diffusion", "reconstruction", "grad_norm"):
+        assert np.all(np.isfinite(history.history[key]))
+    assert losses[-1] < losses[0]
+    assert np.abs(variance_kernel(model) - before).max() > 1e-3  # the variance channels learn
+    if optimizer_name == "kfac":
+        assert int(optimizer.skipped_updates.numpy()) == 0
+        preconditioned = {id(v) for block in optimizer.blocks for v in block.variables}
+        assert preconditioned == {id(v) for v in model.transform_network.trainable_variables
+                                  + model.reverse_network.trainable_variables}
+    else:
+        samples = model.sample(256, seed=1, num_steps=7).numpy()  # a respaced chain
+        assert samples.shape == (256, 2) and np.all(np.isfinite(samples))
+
+
+def test_learned_variance_needs_twice_the_output_channels():
+    with pytest.raises(ValueError, match=r"reverse_network: .*needs 4 .*output_channels"):
+        NeuralDiffusionModel(mlp("transform"), mlp("reverse", 1), learned_diffusion())
+    keras.utils.set_random_seed(0)
+    wide = build_mlp_denoiser(2, 8, 1, name="transform", out_dim=4)
+    with pytest.raises(ValueError, match="transform_network must output a tensor shaped"):
+        NeuralDiffusionModel(wide, build_mlp_denoiser(2, 8, 1, name="reverse", out_dim=4),
+                             learned_diffusion())

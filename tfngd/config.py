@@ -219,13 +219,12 @@ class TrainConfig:
                     f"{', '.join(REVERSE_PARAMETERISATIONS)}, not {self.prediction_type!r}")
             if self.conditional:
                 raise ConfigError("model='ndm' is unconditional: conditional must be False")
-        if self.model != "ddpm":
-            if self.min_snr_gamma is not None:
-                raise ConfigError(f"model={self.model!r} has no Min-SNR weighting: "
-                                  "min_snr_gamma must be none")
-            if self.variance_type != "fixed_small":
-                raise ConfigError(f"model={self.model!r} uses the fixed small variance: "
-                                  "variance_type must be 'fixed_small'")
+        if self.model != "ddpm" and self.min_snr_gamma is not None:
+            raise ConfigError(f"model={self.model!r} has no Min-SNR weighting: "
+                              "min_snr_gamma must be none")
+        if self.model == "score_sde" and self.variance_type != "fixed_small":
+            raise ConfigError("model='score_sde' has no reverse-step variance: variance_type "
+                              "must be 'fixed_small'")
 
     @property
     def sampling_method(self) -> str:
@@ -312,7 +311,7 @@ def build_diffusion(config: TrainConfig) -> gd.GaussianDiffusion:
 
 
 def build_denoiser(config: TrainConfig, data_shape: tuple, num_classes: int | None,
-                   name: str | None = None):
+                   name: str | None = None, predicts_variance: bool = True):
     """The U-Net for image data (rank-3 examples), the MLP for vectors.
 
     A ``score_sde`` model's network takes a float32 time (smooth in ``t``: the
@@ -322,7 +321,10 @@ def build_denoiser(config: TrainConfig, data_shape: tuple, num_classes: int | No
     time_dtype = "float32" if config.model == "score_sde" else "int32"
     named = {} if name is None else {"name": name}
     # learned_range: the network also outputs the variance values (2x the data channels).
-    out_channels = gd.output_channels(config.variance_type, data_shape[-1] if data_shape else 1)
+    # (predicts_variance=False: a network that never predicts one, an NDM's transform.)
+    out_channels = gd.output_channels(
+        config.variance_type if predicts_variance else "fixed_small",
+        data_shape[-1] if data_shape else 1)
     if config.conditional and num_classes is None:
         raise ConfigError(f"conditional=True, but data set {config.dataset!r} has no labels")
     if len(data_shape) == 3:
@@ -373,7 +375,8 @@ def build_model(config: TrainConfig, data_shape: tuple,
         )
     if config.model == "ndm":
         return NeuralDiffusionModel(
-            build_denoiser(config, data_shape, None, name="transform_network"),
+            build_denoiser(config, data_shape, None, name="transform_network",
+                           predicts_variance=False),
             build_denoiser(config, data_shape, None, name="reverse_network"),
             build_diffusion(config),
             timestep_sampler=config.timestep_sampler,

@@ -33,6 +33,18 @@ Reverse process: ``p_theta(z_s | z_t) = q_phi(z_s | z_t, x_hat_theta(z_t, t))``
 of :meth:`GaussianDiffusion.model_log_variance` (``beta~`` for
 ``"fixed_small"``, when the two variances are equal); ``p(z_{T-1}) = N(0, I)``.
 
+Learned variances (``variance_type="learned_range"``, Nichol & Dhariwal 2021): the
+reverse network outputs ``2C`` channels, the prediction and a value ``v`` per element
+(:meth:`GaussianDiffusion.split_output`), and the reverse log-variance is
+``lv_p = frac log beta_t + (1 - frac) log beta~_t``, ``frac = (v + 1) / 2``
+(:func:`~tfngd.gaussian_diffusion.learned_range_log_variance`; ``v = -1`` is
+``"fixed_small"`` exactly). NDM trains on the bound itself, so no hybrid loss is
+needed: the KL term below simply uses the learned ``lv_p``, and so does the decoder
+(its ``t = 0`` value, between ``log beta_0`` and ``log beta~_1``, as in the reference).
+Sampling on a respaced chain interpolates between that chain's ``beta'`` and ``beta~'``
+(:func:`~tfngd.gaussian_diffusion.respaced_log_variance_bounds`, as
+:func:`tfngd.samplers.sample` does for DDPM).
+
 Transform: ``F_phi(x, t) = x + c(t) NN_phi(x, t)`` with
 ``c(t) = (abar_0 - abar_t) / (abar_0 - abar_{T-1})``: 0 at ``t = 0`` (so
 ``F(x, 0) = x`` exactly and the decoder term does not involve ``phi``), 1 at
@@ -47,10 +59,12 @@ Negative ELBO in nats per example (the decoder sees ``z_0 ~ N(alpha_0 x, sigma_0
     L_t     = E_{z_t ~ q_phi(z_t|x)} KL(q_phi(z_{t-1} | z_t, x) || p_theta(z_{t-1} | z_t))
     L_rec   = -E log p_theta(x | z_0)
 
-``L_t`` is Gaussian with a parameter-free variance part:
-``L_t = const_t + ||mu_q - mu_p||^2 exp(-lv_p) / 2``. The decoder
-``p_theta(x | z_0)`` has mean ``x_hat_theta(z_0, 0)`` (the posterior to the
-data) and DDPM's ``t = 0`` log-variance; it is the discretised Gaussian of
+``L_t`` is Gaussian; for a fixed variance its variance part is parameter-free:
+``L_t = const_t + ||mu_q - mu_p||^2 exp(-lv_p) / 2`` (with a learned variance,
+``L_t = sum_d (lv_p - lv_q + exp(lv_q - lv_p) - 1) / 2 + ||mu_q - mu_p||^2 exp(-lv_p) / 2``).
+The decoder ``p_theta(x | z_0)`` has mean ``x_hat_theta(z_0, 0)`` (the posterior to the
+data) and DDPM's ``t = 0`` log-variance (learned with ``learned_range``); it is the
+discretised Gaussian of
 :func:`tfngd.likelihood.discretized_gaussian_log_likelihood` for images
 (256 levels in [-1, 1]) and a Gaussian *density*
 (:func:`tfngd.likelihood.gaussian_log_likelihood`) for continuous (vector)
@@ -83,6 +97,28 @@ larger), while the gradient is the exact one. ``NN_phi`` is called on ``x``
 ``x_hat_theta`` on ``z_t`` and ``z_0``: each network is called twice per step
 (batched over its time points), and K-FAC folds every call of a layer into its
 factors (:mod:`tfngd.optimizers.curvature_blocks`).
+
+With a learned variance the KL and the decoder are no longer squared residuals in the
+network output: per element, as functions of ``(mu_p, lv_p)``,
+``KL = (lv_p - lv_q + exp(lv_q - lv_p) - 1) / 2 + (mu_q - mu_p)^2 exp(-lv_p) / 2``. The
+Fisher of ``N(mu_p, exp(lv_p))`` in these coordinates is ``diag(exp(-lv_p), 1/2)``; it is
+the KL's Hessian wherever ``p = q`` (there ``d^2 KL / d lv_p^2 = (exp(lv_q - lv_p) +
+(mu_q - mu_p)^2 exp(-lv_p)) / 2 = 1/2``), and the expected Hessian of the decoder's NLL
+``(lv + (x - mu)^2 exp(-lv)) / 2`` in ``lv`` is also ``1/2``. K-FAC gets this Fisher from
+two more residual blocks, ``R = [.., sqrt((T - 1) w_t) r_t^var, r_rec^var]``::
+
+    r_t^var   = lv_p / 2          (2 (d r^var / d lv)^2 = 1/2)
+    r_rec^var = lv_0 / 2
+
+with ``lv`` held constant (stop-gradient) inside ``r_t`` and ``r_rec``, which removes
+a mean / log-variance cross term the Fisher does not have. Autodiff pulls ``1/2``
+back through the learned-range map (``d lv / d v = (log beta_t - log beta~_t) / 2``)
+and the network, so the variance channels' weights get the curvature
+``(1/2) (d lv / d v)^2`` per element, with the same ``1 / D`` and ``(T - 1) w_t``
+weights as their terms. ``||R||^2`` is then no longer the bound plus a constant (only
+``R``'s Jacobian enters K-FAC's Gaussian probes; the gradient is always the bound's
+own); the exact Hessian in ``v`` exceeds this Gauss-Newton by the residual-squared
+terms ``(r_t^2 + ...) (d lv / d v)^2``, which vanish at the optimum (tested).
 """
 
 from __future__ import annotations
@@ -98,8 +134,10 @@ from tfngd import data as data_lib
 from tfngd import samplers, schedules
 from tfngd.gaussian_diffusion import (
     GaussianDiffusion,
+    learned_range_log_variance,
     posterior_coefficients,
     prediction_to_x0_eps,
+    respaced_log_variance_bounds,
 )
 from tfngd.likelihood import (
     discretized_gaussian_log_likelihood,
@@ -109,7 +147,7 @@ from tfngd.likelihood import (
     sum_over_example,
 )
 from tfngd.metrics import mean_confidence_interval
-from tfngd.model import ema_decay_at
+from tfngd.model import _check_output_channels, ema_decay_at
 from tfngd.optimizers.training import ForwardPass, gradients_and_curvature, kfac_of
 from tfngd.timestep_sampling import make_timestep_sampler
 
@@ -152,7 +190,9 @@ class BoundTerms:
     ``diffusion`` is the unbiased estimate ``(T - 1) w_t L_t`` of the sum of
     the ``T - 1`` KL terms; ``timestep_kl`` the single term ``L_t`` at the
     drawn ``t``; ``residuals`` the ``[N, 3 D]`` vector ``R`` with
-    ``||R||^2 = total + const`` (the Gauss-Newton outputs of K-FAC).
+    ``||R||^2 = total + const`` (the Gauss-Newton outputs of K-FAC); ``[N, 5 D]``
+    with a learned variance, whose last two blocks carry the variance's Fisher
+    (module docstring; ``||R||^2`` is then not the bound).
     """
 
     prior: tf.Tensor
@@ -166,7 +206,25 @@ class BoundTerms:
         return self.prior + self.diffusion + self.reconstruction
 
 
-def _check_network(network, name: str) -> tuple:
+def _fisher_residuals(difference, log_variance, learned: bool):
+    """``(r, r^var)`` of one Gaussian term with mean error ``difference`` (module docstring).
+
+    ``r = difference sqrt(exp(-lv) / 2)`` with ``lv`` held constant (stop-gradient: the
+    Fisher has no mean / log-variance cross term), and, for a learned variance,
+    ``r^var = lv / 2`` (``2 (d r^var / d lv)^2 = 1/2``, the Fisher in ``lv``); None otherwise.
+    """
+    residual = difference * tf.sqrt(0.5 * tf.exp(-tf.stop_gradient(log_variance)))
+    return residual, (0.5 * log_variance if learned else None)
+
+
+def _check_network(network, name: str, diffusion: GaussianDiffusion | None = None) -> tuple:
+    """The example shape of ``network``'s ``x`` input, after checking its inputs and output.
+
+    With ``diffusion`` given and learning the variance (the reverse network of a
+    ``learned_range`` model), the output must have ``diffusion.output_channels(C)`` = 2C
+    channels on its last axis (:func:`tfngd.model._check_output_channels`, the check of
+    :class:`~tfngd.model.DiffusionModel`); otherwise it is shaped like ``x``.
+    """
     if not isinstance(network, keras.Model):
         raise ValueError(f"{name} must be a keras.Model [x, t] -> output shaped like x, "
                          f"got {type(network).__name__}")
@@ -175,9 +233,18 @@ def _check_network(network, name: str) -> tuple:
                          f"supported by NDM), got {len(network.inputs)}: "
                          f"{[i.name for i in network.inputs]}")
     shape = tuple(network.inputs[0].shape[1:])
-    if tuple(network.outputs[0].shape[1:]) != shape:
-        raise ValueError(f"{name} must output a tensor shaped like its input x {list(shape)}, "
-                         f"got {list(network.outputs[0].shape[1:])}")
+    expected = shape
+    if diffusion is not None and diffusion.learns_variance:
+        try:
+            _check_output_channels(network, diffusion)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        expected = shape[:-1] + (diffusion.output_channels(shape[-1]),)
+    if tuple(network.outputs[0].shape[1:]) != expected:
+        raise ValueError(f"{name} must output a tensor shaped like its input x {list(shape)}"
+                         + ("" if expected == shape else
+                            f" with {expected[-1]} channels (prediction, then variance values)")
+                         + f", got {list(network.outputs[0].shape[1:])}")
     if len(shape) not in (1, 3):
         raise ValueError(f"{name}: examples must be vectors (D,) or images (H, W, C), "
                          f"got shape {list(shape)}")
@@ -198,10 +265,14 @@ class NeuralDiffusionModel(keras.Model):
       transform_network: ``NN_phi``, a Keras model ``[x, t] -> output shaped
         like x`` (e.g. :func:`tfngd.networks.build_mlp_denoiser` for vectors,
         :func:`tfngd.networks.build_unet` for images); ``F = x + c(t) NN``.
-      reverse_network: ``x_hat_theta``, the same kind of model (predicts the data).
+      reverse_network: ``x_hat_theta``, the same kind of model (predicts the data);
+        with ``variance_type="learned_range"`` it outputs ``2C`` channels on its last
+        axis (``diffusion.output_channels(C)``: the prediction, then the variance
+        values; checked at construction), the transform network ``C``.
       diffusion: the chain; ``prediction_type`` ``"x0"`` or ``"v"`` (how the
-        reverse network's output gives ``x_hat``) and no Min-SNR weighting
-        (the objective is the bound).
+        reverse network's output gives ``x_hat``), no Min-SNR weighting
+        (the objective is the bound) and any ``variance_type`` (``"learned_range"``:
+        learned reverse and decoder variances, trained on the bound).
       identity_transform: force ``c(t) = 0`` (``F(x, t) = x``: DDPM). The
         transform network is then frozen (``trainable = False``) and never
         trained.
@@ -246,7 +317,7 @@ class NeuralDiffusionModel(keras.Model):
         if transform_network is reverse_network:
             raise ValueError("transform_network and reverse_network must be two different models")
         transform_shape = _check_network(transform_network, "transform_network")
-        reverse_shape = _check_network(reverse_network, "reverse_network")
+        reverse_shape = _check_network(reverse_network, "reverse_network", diffusion)
         if transform_shape != reverse_shape:
             raise ValueError(f"transform_network takes examples of shape {list(transform_shape)}, "
                              f"reverse_network {list(reverse_shape)}: they must agree")
@@ -318,7 +389,7 @@ class NeuralDiffusionModel(keras.Model):
         """``x_hat_theta(z_t, t)`` for ``inputs = [z_t, t]``."""
         z_t, t = inputs
         return self._predict_data(self.reverse_network, tf.cast(z_t, tf.float32),
-                                  tf.cast(t, tf.int32), training)
+                                  tf.cast(t, tf.int32), training)[0]
 
     def compile(self, *args, **kwargs):
         """Keras ``compile``; a K-FAC optimizer gets both networks' layers registered."""
@@ -415,11 +486,17 @@ class NeuralDiffusionModel(keras.Model):
         return shaped(c1), shaped(c2), shaped(variance), shaped(tf.sqrt(abar_t))
 
     def _predict_data(self, reverse, z_t, t, training=False):
-        """``x_hat_theta(z_t, t)`` from the reverse network's output (its parameterisation
-        converted by :func:`tfngd.gaussian_diffusion.prediction_to_x0_eps`)."""
+        """``(x_hat_theta(z_t, t), var_values)`` from the reverse network's output.
+
+        The output is split by :meth:`GaussianDiffusion.split_output` (``var_values`` is
+        None for a fixed variance) and its prediction converted by
+        :func:`tfngd.gaussian_diffusion.prediction_to_x0_eps`.
+        """
         output = reverse([z_t, t], training=training)
-        return prediction_to_x0_eps(output, z_t, self.diffusion.abar(t, z_t),
-                                    self.diffusion.prediction_type)[0]
+        prediction, var_values = self.diffusion.split_output(output)
+        x_hat = prediction_to_x0_eps(prediction, z_t, self.diffusion.abar(t, z_t),
+                                     self.diffusion.prediction_type)[0]
+        return x_hat, var_values
 
     def _transforms(self, network, x, times, training=False) -> list:
         """``[F(x, t) for t in times]`` from one batched call of the network (fewer, larger
@@ -464,7 +541,8 @@ class NeuralDiffusionModel(keras.Model):
     # -- the bound -----------------------------------------------------------
     def _diffusion_kl(self, transform, reverse, x, t, noise, transforms_of_x=None,
                       training=False):
-        """``L_t`` per example and its residual ``r_t`` (module docstring), at ``s = t - 1``.
+        """``L_t`` per example, its residual ``r_t`` and ``r_t^var`` (module docstring; None
+        for a fixed variance), at ``s = t - 1``.
 
         ``transforms_of_x``: ``(F(x, t), F(x, t - 1))`` when already computed.
         """
@@ -473,32 +551,41 @@ class NeuralDiffusionModel(keras.Model):
             transforms_of_x = self._transforms(transform, x, [t, s], training)
         transform_t, transform_s = transforms_of_x
         z_t = self.diffusion.q_sample(transform_t, t, noise)
-        x_hat = self._predict_data(reverse, z_t, t, training)
+        x_hat, var_values = self._predict_data(reverse, z_t, t, training)
         hat_t, hat_s = self._transforms(transform, x_hat, [t, s], training)
         mean_q, _ = self._posterior_mean_from(transform_s, transform_t, z_t, t, s)
         mean_p, _ = self._posterior_mean_from(hat_s, hat_t, z_t, t, s)
         log_variance_q = self.diffusion.gather(self.diffusion.posterior_log_variance_clipped, t,
                                                z_t)
-        log_variance_p = self.diffusion.model_log_variance(t, z_t)
+        log_variance_p = self.diffusion.model_log_variance(t, z_t, var_values)
         kl = sum_over_example(normal_kl(mean_q, log_variance_q, mean_p, log_variance_p))
-        residual = (mean_q - mean_p) * tf.sqrt(0.5 * tf.exp(-log_variance_p))
-        return kl, residual
+        residual, variance_residual = _fisher_residuals(mean_q - mean_p, log_variance_p,
+                                                        var_values is not None)
+        return kl, residual, variance_residual
 
     def _reconstruction(self, reverse, x, decoder_noise, training=False):
-        """``-log p(x | z_0)`` per example and its (surrogate) residual ``r_rec``."""
+        """``-log p(x | z_0)`` per example, its (surrogate) residual ``r_rec`` and
+        ``r_rec^var`` (None for a fixed variance).
+
+        The decoder's log-variance is ``model_log_variance`` at ``t = 0``: with
+        ``learned_range`` the network's value (between ``log beta_0`` and ``log beta~_1``),
+        as in the reference (improved-diffusion's ``_vb_terms_bpd``) and
+        :func:`tfngd.likelihood.timestep_vlb_bits`.
+        """
         t0 = tf.zeros(tf.shape(x)[:1], tf.int32)
         z_0 = self.diffusion.q_sample(x, t0, decoder_noise)  # F(x, 0) = x: no transform call
-        x_hat = self._predict_data(reverse, z_0, t0, training)
+        x_hat, var_values = self._predict_data(reverse, z_0, t0, training)
         # The posterior to the data with x_hat for x: c1 x_hat + c2 z_0 (c1 = 1, c2 = 0 up to
         # rounding), DDPM's decoder mean.
         mean, _ = self._posterior_mean_from(x_hat, x_hat, z_0, t0, t0 - 1)
-        log_variance = self.diffusion.model_log_variance(t0, x)
+        log_variance = self.diffusion.model_log_variance(t0, x, var_values)
         if self.is_image_model:
             log_likelihood = discretized_gaussian_log_likelihood(x, mean, 0.5 * log_variance)
         else:
             log_likelihood = gaussian_log_likelihood(x, mean, log_variance)
-        residual = (x - mean) * tf.sqrt(0.5 * tf.exp(-log_variance))
-        return -sum_over_example(log_likelihood), residual
+        residual, variance_residual = _fisher_residuals(x - mean, log_variance,
+                                                        var_values is not None)
+        return -sum_over_example(log_likelihood), residual, variance_residual
 
     def _prior(self, transform_last):
         """``KL(q_phi(z_{T-1} | x) || N(0, I))`` per example and its residual ``r_prior``,
@@ -535,22 +622,26 @@ class NeuralDiffusionModel(keras.Model):
         transform, reverse = self._networks(use_ema)
         transform_t, transform_s, transform_last = self._transforms(
             transform, x, [t, t - 1, self._last(x)], training)
-        kl, diffusion_residual = self._diffusion_kl(transform, reverse, x, t,
-                                                    tf.cast(noise, tf.float32),
-                                                    (transform_t, transform_s), training)
-        reconstruction, reconstruction_residual = self._reconstruction(
-            reverse, x, tf.cast(decoder_noise, tf.float32), training)
+        kl, diffusion_residual, diffusion_variance_residual = self._diffusion_kl(
+            transform, reverse, x, t, tf.cast(noise, tf.float32), (transform_t, transform_s),
+            training)
+        reconstruction, reconstruction_residual, reconstruction_variance_residual = (
+            self._reconstruction(reverse, x, tf.cast(decoder_noise, tf.float32), training))
         prior, prior_residual = self._prior(transform_last)
         weights = (tf.ones_like(kl) if importance_weights is None
                    else tf.cast(importance_weights, kl.dtype))
         terms = self.diffusion.num_timesteps - 1
         scale = tf.sqrt(terms * weights)
         rows = tf.shape(x)[0]
-        residuals = tf.concat([
+        blocks = [
             tf.reshape(diffusion_residual, [rows, -1]) * scale[:, None],
             tf.reshape(reconstruction_residual, [rows, -1]),
             tf.reshape(prior_residual, [rows, -1]),
-        ], axis=1)
+        ]
+        if diffusion_variance_residual is not None:  # learned_range: the variance's Fisher
+            blocks += [tf.reshape(diffusion_variance_residual, [rows, -1]) * scale[:, None],
+                       tf.reshape(reconstruction_variance_residual, [rows, -1])]
+        residuals = tf.concat(blocks, axis=1)
         return BoundTerms(prior=prior, diffusion=terms * weights * kl,
                           reconstruction=reconstruction, timestep_kl=kl, residuals=residuals)
 
@@ -744,7 +835,11 @@ class NeuralDiffusionModel(keras.Model):
         posterior of each kept pair ``(s, t)`` uses that pair's coefficients,
         and the last step returns ``x_hat`` (the posterior to the data has
         variance 0). ``clip_x0`` clips ``x_hat`` to [-1, 1] for image models
-        (vector data are never clipped).
+        (vector data are never clipped). With ``learned_range`` the noise scale is the
+        network's, interpolated between the respaced chain's ``beta'`` and ``beta~'``
+        (:func:`~tfngd.gaussian_diffusion.respaced_log_variance_bounds` and
+        :func:`~tfngd.gaussian_diffusion.learned_range_log_variance`, as in
+        :func:`tfngd.samplers.sample`).
         """
         if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
@@ -761,22 +856,34 @@ class NeuralDiffusionModel(keras.Model):
             transform, reverse = self._networks(use_ema)
             shape = [int(num_samples), *self.data_shape]
 
+            learned = self.diffusion.learns_variance
+
             @tf.function(reduce_retracing=True)
             def run(seed, num_steps):
                 timesteps = schedules.respaced_timesteps(self.diffusion.num_timesteps, num_steps,
                                                          spacing)
                 previous = tf.concat([[-1], timesteps[:-1]], axis=0)
+                if learned:  # the two ends of the learned range on the respaced chain
+                    log_beta, log_beta_tilde = respaced_log_variance_bounds(
+                        tf.gather(tf.constant(self.diffusion.alphas_cumprod, tf.float64),
+                                  timesteps))
                 z = tf.random.stateless_normal(shape, seed=samplers.step_seed(seed, 0))
 
                 def body(i, z):
                     t = tf.fill([shape[0]], timesteps[i])
                     s = tf.fill([shape[0]], previous[i])
-                    x_hat = self._predict_data(reverse, z, t)
+                    x_hat, var_values = self._predict_data(reverse, z, t)
                     if clip_x0:
                         x_hat = tf.clip_by_value(x_hat, -1.0, 1.0)
                     mean, variance = self._posterior_mean(transform, x_hat, z, t, s)
                     noise = tf.random.stateless_normal(shape, seed=samplers.step_seed(seed, i + 1))
-                    return i - 1, mean + tf.sqrt(variance) * noise
+                    if learned:  # as samplers.sample / AncestralSampler; no noise at the end
+                        log_variance = learned_range_log_variance(var_values, log_beta[i],
+                                                                  log_beta_tilde[i])
+                        scale = tf.exp(0.5 * log_variance) * tf.cast(i > 0, z.dtype)
+                    else:
+                        scale = tf.sqrt(variance)
+                    return i - 1, mean + scale * noise
 
                 _, z = tf.while_loop(lambda i, _: i >= 0, body, (tf.shape(timesteps)[0] - 1, z))
                 return z
