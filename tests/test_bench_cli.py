@@ -15,6 +15,7 @@ TINY = [
     "--grid", "adam=2e-3", "--grid", "kfac:learning_rate=0.1", "--grid", "kfac:damping=1e-3",
     "--set", "hidden_units=16", "--set", "num_blocks=1", "--set", "num_timesteps=100",
     "--set", "sample_steps=5", "--num-samples", "64", "--curve-samples", "64",
+    "--set", "sampler=auto",  # resolved per task (ancestral for 2-D), never passed on as "auto"
 ]
 
 

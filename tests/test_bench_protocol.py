@@ -252,3 +252,17 @@ def test_unequal_budgets_warn(tmp_path):
     benchmark.run_benchmark(settings, str(tmp_path), "cmd", progress=lines.append,
                             trial_runner=CountingRunner(), render=False)
     assert lines[0].startswith("warning: unequal tuning budgets")
+
+
+@pytest.mark.parametrize("name", tasks.TASK_NAMES)
+def test_every_task_samples_with_a_sampler_its_model_takes(name):
+    """A task's trials sample with ``config.sample_kwargs()``: ``sampler="auto"`` must be
+    resolved (the DDPM samplers know no "auto"), ancestral for the 2-D toys."""
+    from tfngd import samplers
+
+    config = tasks.base_config(tasks.get_task(name), data_dir="unused").validate()
+    kwargs = config.sample_kwargs()
+    assert kwargs["sampler"] in samplers.SAMPLERS
+    assert kwargs["num_steps"] == config.sample_steps
+    if tasks.get_task(name).kind == "points":
+        assert kwargs["sampler"] == "ddpm"

@@ -330,8 +330,7 @@ def run_trial(spec: TrialSpec, context: TaskContext, output_dir: str) -> dict:
     model.compile(optimizer=build_optimizer(config), jit_compile=config.jit_compile)
     bank = context.evaluation_bank(config.num_timesteps)
     train_ds = data_lib.training_batches(splits.train, config.batch_size, config.seed)
-    sample_kwargs = {"num_steps": config.sample_steps, "sampler": config.sampler,
-                     "eta": config.eta, "clip_x0": config.clip_x0}
+    sample_kwargs = config.sample_kwargs()
     sample_seconds = 0.0
 
     def draw(count: int) -> np.ndarray:
