@@ -146,7 +146,8 @@ def fake_record(spec):
                          "mean_step_seconds": ms / 1e3,
                          "step_seconds": [2.0] + [ms / 1e3] * (spec.steps - 1),
                          "trial_wall_seconds": 1.0},
-              "inverse_schedule": None, "sample_curve": None, "samples": None}
+              "inverse_schedule": None, "sample_curve": None, "samples": None,
+              "identity": spec.identity}
     if spec.num_samples:
         record["samples"] = {"metrics": {"sliced_wasserstein": floor}, "skipped": None,
                              "png": None}
@@ -266,3 +267,34 @@ def test_every_task_samples_with_a_sampler_its_model_takes(name):
     assert kwargs["num_steps"] == config.sample_steps
     if tasks.get_task(name).kind == "points":
         assert kwargs["sampler"] == "ddpm"
+
+
+def test_trials_recorded_before_an_option_existed_are_reused_real_changes_are_not(tmp_path):
+    """Rewrite every trial file as an older TrainConfig would have written it (no `model`,
+    `sde`, `vlb_weight`, `kfac_approximation`; the sampler named explicitly, as it resolves):
+    a rerun trains nothing and reports the old ids. A real change (other EMA decay) reruns."""
+    from tfngd.bench.trials import LATER_OPTIONS
+
+    settings = small_settings()
+    benchmark.run_benchmark(settings, str(tmp_path), "tfngd-bench --test", progress=print,
+                            trial_runner=CountingRunner(), render=False)
+    for path in (tmp_path / "trials" / "checkerboard").glob("*.json"):
+        record = json.loads(path.read_text())
+        config = record["identity"]["config"]
+        config["sampler"] = "ddpm"  # what "auto" (or the task's own choice) resolves to
+        for name in LATER_OPTIONS:
+            config.pop(name)
+        record["trial_id"] = "old-" + record["trial_id"]
+        path.unlink()
+        (path.parent / f"{record['trial_id']}.json").write_text(json.dumps(record))
+    lines, rerun = [], CountingRunner()
+    benchmark.run_benchmark(settings, str(tmp_path), "tfngd-bench --test",
+                            progress=lines.append, trial_runner=rerun, render=False)
+    assert rerun.calls == [] and sum("skipped" in line for line in lines) == 8
+    bench = json.loads((tmp_path / "benchmark.json").read_text())
+    assert all(i.startswith("old-") for i in bench["trial_ids"]["checkerboard"])
+
+    changed = small_settings(config_overrides={"hidden_units": 16, "ema_decay": 0.9})
+    benchmark.run_benchmark(changed, str(tmp_path), "tfngd-bench --test", progress=print,
+                            trial_runner=rerun, render=False)
+    assert len(rerun.calls) == 8

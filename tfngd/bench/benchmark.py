@@ -133,11 +133,12 @@ def run_benchmark(settings: protocol.BenchSettings, output: str, command: str,
 
     bench["trial_ids"] = {name: [] for name in settings.tasks}
 
-    def remember(spec) -> None:
-        """The run's trial files, so that --report-only finds them even after the code's
-        TrainConfig defaults (part of every trial's identity) changed."""
-        if spec.trial_id not in bench["trial_ids"][spec.task]:
-            bench["trial_ids"][spec.task].append(spec.trial_id)
+    def remember(spec, record) -> None:
+        """The run's trial files (the record's id: an equivalent trial recorded under an
+        older TrainConfig keeps its own), so that --report-only finds them even after the
+        code's TrainConfig defaults (part of every trial's identity) changed."""
+        if record["trial_id"] not in bench["trial_ids"][spec.task]:
+            bench["trial_ids"][spec.task].append(record["trial_id"])
             write_json(os.path.join(output, BENCH_FILE), bench)
 
     def get_record(spec):
@@ -146,13 +147,13 @@ def run_benchmark(settings: protocol.BenchSettings, output: str, command: str,
         prefix = f"[{count}/{total}] {_describe(spec)}"
         record = store.load(spec)
         if record is not None:
-            remember(spec)
+            remember(spec, record)
             progress(f"{prefix}: done before (final val loss "
                      f"{_fmt(record['curve']['val_loss'][-1])}), skipped")
             return record
         record = runner(spec)
         store.save(record)
-        remember(spec)
+        remember(spec, record)
         timing = record["timing"]
         ms = timing.get("mean_step_seconds")
         status = " DIVERGED" if record.get("diverged") else ""

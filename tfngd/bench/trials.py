@@ -94,6 +94,30 @@ class TrialSpec:
         return f"{self.optimizer}-{params}-seed{self.seed}-{self.steps}steps-{digest[:8]}"
 
 
+# TrainConfig options added after trials were first recorded, at the value that reproduces
+# what the harness did before they existed (see comparable_identity).
+LATER_OPTIONS = {"kfac_approximation": "expand", "model": "ddpm", "sde": "vp",
+                 "vlb_weight": 0.001}
+
+
+def comparable_identity(identity: dict) -> str | None:
+    """``identity`` as it compares across versions of TrainConfig: the
+    :data:`LATER_OPTIONS` at their neutral value left out and ``sampler`` replaced by the
+    sampler actually used (``"auto"`` resolved), as canonical JSON; None if the config
+    cannot be read. Two trials with equal comparable identities do the same work, so a
+    finished trial stays valid when an option is added (a rerun skips it)."""
+    try:
+        config = dict(identity["config"])
+        config["sampler"] = TrainConfig.from_dict(
+            {k: v for k, v in config.items() if k != "data_dir"}).sampling_method
+    except (KeyError, TypeError, ValueError):
+        return None
+    for name, neutral in LATER_OPTIONS.items():
+        if config.get(name) == neutral:
+            del config[name]
+    return json.dumps({**identity, "config": config}, sort_keys=True)
+
+
 def trial_key(optimizer: str, hyperparameters: dict, seed: int, steps: int,
               identity: dict) -> tuple:
     """What a trial is within one benchmark, whatever the TrainConfig defaults of the day:
@@ -155,7 +179,7 @@ class TrialStore:
         """The finished trial, or ``None`` (missing; corrupt files are reported and ignored)."""
         path = self.path(spec)
         if not os.path.exists(path):
-            return None
+            return self._equivalent(spec)
         try:
             with open(path) as f:
                 record = json.load(f)
@@ -171,6 +195,16 @@ class TrialStore:
                       "the trial is run again")
             return None
         return record
+
+    def _equivalent(self, spec: TrialSpec) -> dict | None:
+        """A finished trial recorded under an older TrainConfig that did the same work
+        (:func:`comparable_identity`), or None."""
+        wanted = comparable_identity(spec.identity)
+        for record in self.records_of(spec.task).values():
+            if (record.get("identity") and record.get("optimizer") == spec.optimizer
+                    and comparable_identity(record["identity"]) == wanted):
+                return record
+        return None
 
     def records_of(self, task: str, trial_ids=None) -> dict:
         """``{record_key: record}`` of the task's trial files (those in ``trial_ids`` when
