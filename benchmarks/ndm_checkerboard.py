@@ -48,10 +48,19 @@ RESULTS = os.path.join("benchmarks", "results", "ndm_checkerboard.json")
 IMAGES = os.path.join("docs", "images")
 
 
-def build(args, num_timesteps: int, learned: bool, seed: int) -> NeuralDiffusionModel:
+def mlp_network(args):
+    """``name -> model``: the residual MLP (``--hidden-units`` x ``--num-blocks``), 2-D."""
+    return lambda name: build_mlp_denoiser(2, args.hidden_units, args.num_blocks, name=name)
+
+
+def build(args, num_timesteps: int, learned: bool, seed: int,
+          network=None) -> NeuralDiffusionModel:
+    """NDM (``learned``) or DDPM; ``network(name)`` builds ``NN_phi`` and the reverse network
+    (default :func:`mlp_network`)."""
     keras.utils.set_random_seed(seed)
-    transform = build_mlp_denoiser(2, args.hidden_units, args.num_blocks, name="transform")
-    reverse = build_mlp_denoiser(2, args.hidden_units, args.num_blocks, name="reverse")
+    network = mlp_network(args) if network is None else network
+    transform = network("transform")
+    reverse = network("reverse")
     diffusion = GaussianDiffusion(args.schedule, num_timesteps,
                                   prediction_type=args.prediction_type)
     return NeuralDiffusionModel(transform, reverse, diffusion, identity_transform=not learned,
@@ -67,18 +76,26 @@ def make_optimizer(args, name: str):
         warmup_steps=args.warmup_steps)
     if name == "adam":
         return keras.optimizers.Adam(rate)
-    return KFAC(learning_rate=rate, damping=args.kfac_damping, inverse_every=10, seed=0)
+    return KFAC(learning_rate=rate, damping=args.kfac_damping,
+                inverse_every=args.kfac_inverse_every,
+                statistics_examples=args.kfac_statistics_examples, seed=0)
 
 
-def run(args, num_timesteps: int, label: str, learned: bool, optimizer_name: str,
-        splits) -> tuple[dict, NeuralDiffusionModel, np.ndarray, dict]:
-    """Train one model; returns its report, the model, its per-example bounds and samples."""
-    model = build(args, num_timesteps, learned, seed=args.seed)
+def train_and_bound(args, num_timesteps: int, label: str, learned: bool, optimizer_name: str,
+                    splits, network=None,
+                    callbacks=None) -> tuple[dict, NeuralDiffusionModel, np.ndarray]:
+    """Train one model and bound ``args.eval_examples`` held-out examples.
+
+    ``network(name)`` builds both networks (default :func:`mlp_network`);
+    ``callbacks`` go to ``fit``. Returns its report (no sample metrics), the
+    model and its per-example bounds (nats).
+    """
+    model = build(args, num_timesteps, learned, seed=args.seed, network=network)
     model.compile(optimizer=make_optimizer(args, optimizer_name))
     batches = data_lib.training_batches(splits.train, args.batch_size, seed=args.seed)
     start = time.perf_counter()
     history = model.fit(batches, epochs=args.epochs, steps_per_epoch=args.steps // args.epochs,
-                        verbose=0)
+                        verbose=0, callbacks=callbacks)
     train_seconds = time.perf_counter() - start
     held_out = splits.eval[:args.eval_examples]
     strata = min(args.timestep_samples, num_timesteps - 1)
@@ -86,19 +103,15 @@ def run(args, num_timesteps: int, label: str, learned: bool, optimizer_name: str
     per_example = model.per_example_bound(held_out, seed=1, timestep_samples=strata)
     nll_seconds = time.perf_counter() - start
     dims = model.data_dims
-    sample_metrics, samples = {}, {}
-    for steps in sorted({num_timesteps, min(args.few_steps, num_timesteps)}, reverse=True):
-        samples[steps] = model.sample(args.num_samples, seed=2, num_steps=steps).numpy()
-        sample_metrics[str(steps)] = {
-            "sliced_wasserstein": metrics.sliced_wasserstein(samples[steps], held_out, seed=0),
-            "finite_fraction": float(np.isfinite(samples[steps]).all(axis=1).mean()),
-        }
     result = {
         "model": label,
         "num_timesteps": num_timesteps,
         "transform": "learned" if learned else "identity (DDPM)",
         "optimizer": optimizer_name,
-        "trainable_parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+        # The trained networks' variables (model.trainable_variables also lists some of a
+        # frozen transform's EMA copy for U-Nets).
+        "trainable_parameters": int(sum(np.prod(v.shape) for network in model.trained_networks
+                                        for v in network.trainable_variables)),
         "train_seconds": train_seconds,
         "nll_seconds": nll_seconds,
         "epoch_loss_nats_per_dim": [float(v) for v in history.history["loss"]],
@@ -108,16 +121,57 @@ def run(args, num_timesteps: int, label: str, learned: bool, optimizer_name: str
                    for key, value in summarize_bound(per_example, dims).items()},
                 "timestep_samples": strata},
         "transform_displacement": transform_displacement(model, held_out, num_timesteps),
-        "samples": sample_metrics,
     }
     if optimizer_name == "kfac":
         result["kfac_skipped_updates"] = int(model.optimizer.skipped_updates.numpy())
+    return result, model, per_example
+
+
+def run(args, num_timesteps: int, label: str, learned: bool, optimizer_name: str,
+        splits) -> tuple[dict, NeuralDiffusionModel, np.ndarray, dict]:
+    """Train one model; returns its report, the model, its per-example bounds and samples."""
+    result, model, per_example = train_and_bound(args, num_timesteps, label, learned,
+                                                 optimizer_name, splits)
+    held_out = splits.eval[:args.eval_examples]
+    sample_metrics, samples = {}, {}
+    for steps in sorted({num_timesteps, min(args.few_steps, num_timesteps)}, reverse=True):
+        samples[steps] = model.sample(args.num_samples, seed=2, num_steps=steps).numpy()
+        sample_metrics[str(steps)] = {
+            "sliced_wasserstein": metrics.sliced_wasserstein(samples[steps], held_out, seed=0),
+            "finite_fraction": float(np.isfinite(samples[steps]).all(axis=1).mean()),
+        }
+    result["samples"] = sample_metrics
+    train_seconds = result["train_seconds"]
     nats, bits = result["nll"]["nats_per_dim"], result["nll"]["bits_per_dim"]
     print(f"T={num_timesteps} {label}: NLL bound {nats[0]:.3f} nats/dim [{nats[1]:.3f}, "
           f"{nats[2]:.3f}] = {bits[0]:.3f} bits/dim [{bits[1]:.3f}, {bits[2]:.3f}]; sliced W2 "
           f"{ {k: round(v['sliced_wasserstein'], 3) for k, v in sample_metrics.items()} }; "
           f"train {train_seconds:.0f} s", flush=True)
     return result, model, per_example, samples
+
+
+def paired_comparisons(bounds: dict, baseline: str, dims: int, context: dict) -> list:
+    """Each model's bound minus ``baseline``'s on the same examples and seeded draws.
+
+    ``bounds`` maps labels to per-example bounds in nats; returns one record per
+    other label (``context`` keys first) with the paired mean and 95% interval.
+    """
+    comparisons = []
+    for label in bounds:
+        if label == baseline:
+            continue
+        difference = (bounds[label] - bounds[baseline]) / dims
+        interval = metrics.mean_confidence_interval(difference)
+        comparisons.append({
+            **context, "model": label,
+            f"minus_{baseline}_nats_per_dim": list(interval),
+            f"minus_{baseline}_bits_per_dim": [v / math.log(2.0) for v in interval],
+            f"beats_{baseline}": bool(interval[2] < 0.0),
+        })
+        where = " ".join(f"{key}={value}" for key, value in context.items())
+        print(f"{where} {label} - {baseline}: {interval[0]:+.3f} nats/dim "
+              f"[{interval[1]:+.3f}, {interval[2]:+.3f}] (paired)", flush=True)
+    return comparisons
 
 
 def transform_displacement(model, points, num_timesteps) -> dict:
@@ -200,6 +254,9 @@ def main():
     parser.add_argument("--adam-lr", type=float, default=4e-3)
     parser.add_argument("--kfac-lr", type=float, default=0.1)
     parser.add_argument("--kfac-damping", type=float, default=1e-3)
+    parser.add_argument("--kfac-inverse-every", type=int, default=10)
+    parser.add_argument("--kfac-statistics-examples", type=int, default=None,
+                        help="fold only this many examples of each batch into K-FAC's factors")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--eval-examples", type=int, default=2000)
     parser.add_argument("--timestep-samples", type=int, default=50,
@@ -235,20 +292,8 @@ def main():
             if optimizer_name == "adam":
                 panels += [(f"T={num_timesteps} {label}, {k} steps", v)
                            for k, v in samples.items()]
-        for label in bounds:
-            if label == "ddpm":
-                continue
-            # Paired over the same held-out points (and the same seeded draws).
-            difference = (bounds[label] - bounds["ddpm"]) / held_out.shape[1]
-            interval = metrics.mean_confidence_interval(difference)
-            comparisons.append({
-                "num_timesteps": num_timesteps, "model": label,
-                "minus_ddpm_nats_per_dim": list(interval),
-                "minus_ddpm_bits_per_dim": [v / math.log(2.0) for v in interval],
-                "beats_ddpm": bool(interval[2] < 0.0),
-            })
-            print(f"T={num_timesteps} {label} - ddpm: {interval[0]:+.3f} nats/dim "
-                  f"[{interval[1]:+.3f}, {interval[2]:+.3f}] (paired)", flush=True)
+        comparisons += paired_comparisons(bounds, "ddpm", held_out.shape[1],
+                                          {"num_timesteps": num_timesteps})
 
     os.makedirs(args.images_dir, exist_ok=True)
     plot_transforms(transforms, held_out, os.path.join(args.images_dir,
