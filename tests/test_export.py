@@ -221,8 +221,11 @@ def test_fresh_process_matches_in_process_sampling(fresh_process, image_model, v
 
     vector = arrays["vector"]
     assert vector.shape == (5, 2) and vector.dtype == np.float32
+    # The untrained vector model's ancestral samples reach |x| ~ 1e5 (no clipping for
+    # vectors), where float32 rounding alone is ~1e-2: compare relative to the magnitude.
     np.testing.assert_allclose(
-        vector, vector_model.sample(5, seed=3, num_steps=20, sampler="ddpm"), atol=1e-4)
+        vector, vector_model.sample(5, seed=3, num_steps=20, sampler="ddpm"), rtol=1e-4,
+        atol=1e-4)
 
     guided = conditional_model.sample(4, seed=5, num_steps=6, label=1, guidance_scale=2.0)
     np.testing.assert_allclose(arrays["guided"], guided, atol=1e-4)
