@@ -70,10 +70,10 @@ def main():
         if os.path.exists(previous):
             config = TrainConfig.load(previous)  # report what that run was trained with
             expected = CONFIGS[name]
-            if (config.optimizer, config.kfac_approximation) != (
-                    expected.optimizer, expected.kfac_approximation):
+            if (config.optimizer, config.kfac_approximation_used) != (
+                    expected.optimizer, expected.kfac_approximation_used):
                 raise SystemExit(f"{run_dir} holds a {config.optimizer} "
-                                 f"({config.kfac_approximation}) run, not {name}")
+                                 f"({config.kfac_approximation_used}) run, not {name}")
         summary = train(config, run_dir, export_root=None, sample_every_epochs=0, verbose=2)
         log_dir = runs.log_dir(run_dir)
         validation = scalar_series(os.path.join(log_dir, "validation"), "loss")

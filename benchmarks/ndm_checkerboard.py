@@ -77,6 +77,7 @@ def make_optimizer(args, name: str):
     if name == "adam":
         return keras.optimizers.Adam(rate)
     return KFAC(learning_rate=rate, damping=args.kfac_damping,
+                approximation=args.kfac_approximation,
                 inverse_every=args.kfac_inverse_every,
                 statistics_examples=args.kfac_statistics_examples, seed=0)
 
@@ -254,6 +255,10 @@ def main():
     parser.add_argument("--adam-lr", type=float, default=4e-3)
     parser.add_argument("--kfac-lr", type=float, default=0.1)
     parser.add_argument("--kfac-damping", type=float, default=1e-3)
+    parser.add_argument("--kfac-approximation", default="per_example",
+                        choices=("per_example", "expand", "reduce"),
+                        help="KFAC(approximation=...): per_example is right for NDM's "
+                             "differenced calls (docs/kfac.md section 2)")
     parser.add_argument("--kfac-inverse-every", type=int, default=10)
     parser.add_argument("--kfac-statistics-examples", type=int, default=None,
                         help="fold only this many examples of each batch into K-FAC's factors")

@@ -169,6 +169,10 @@ def main():
     parser.add_argument("--adam-lr", type=float, default=2e-3)
     parser.add_argument("--kfac-lr", type=float, default=0.1)
     parser.add_argument("--kfac-damping", type=float, default=1e-3)
+    parser.add_argument("--kfac-approximation", default="per_example",
+                        choices=("per_example", "expand", "reduce"),
+                        help="KFAC(approximation=...): per_example is right for NDM's "
+                             "differenced calls (docs/kfac.md section 2)")
     parser.add_argument("--kfac-inverse-every", type=int, default=50)
     parser.add_argument("--kfac-statistics-examples", type=int, default=16,
                         help="fold only this many examples of each batch into K-FAC's factors")

@@ -93,6 +93,18 @@ def test_kfac_options_reach_the_optimizer():
     assert type(optimizer).from_config(optimizer.get_config()).approximation == "reduce"
 
 
+@pytest.mark.parametrize("model,expected", [("ddpm", "expand"), ("ndm", "per_example"),
+                                            ("score_sde", "expand")])
+def test_kfac_approximation_auto_is_per_example_for_ndm_only(model, expected):
+    extra = {"prediction_type": "x0"} if model == "ndm" else {}
+    config = TrainConfig(model=model, **extra).validate()
+    assert config.kfac_approximation == "auto"
+    assert config.kfac_approximation_used == expected
+    assert build_optimizer(config).approximation == expected
+    explicit = TrainConfig(model=model, kfac_approximation="reduce", **extra).validate()
+    assert build_optimizer(explicit).approximation == "reduce"
+
+
 def test_build_model_picks_the_network_from_the_example_shape():
     config = TrainConfig(base_channels=8, groups=4).validate()
     image_model = build_model(config, (8, 8, 1))

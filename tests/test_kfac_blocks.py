@@ -284,24 +284,36 @@ def test_reduce_equals_expand_without_weight_sharing_and_rejects_unknown_names()
     model, _ = two_layer_model()
     x = np.random.default_rng(17).normal(size=(5, 3)).astype("float32")
     factors = {}
-    for approximation in ("expand", "reduce"):
+    for approximation in ("expand", "reduce", "per_example"):
         optimizer = exact_kfac(approximation=approximation).register(model)
         curvature_step(model, optimizer, x, apply=False)
         factors[approximation] = [v.numpy() for b in optimizer.blocks
                                   for v in b.running_statistics]
     for expand, reduce in zip(factors["expand"], factors["reduce"], strict=True):
         np.testing.assert_allclose(reduce, expand, rtol=1e-6)
+    # Per-example factors are scaled differently (tr A tr G = tau), their product is the same
+    # here: a linear model with exact probes has the same g for every example.
+    blocks = len(factors["expand"]) // 3
+    for block in range(blocks):
+        a, g, r = factors["expand"][3 * block:3 * block + 3]
+        a_pe, g_pe, r_pe = factors["per_example"][3 * block:3 * block + 3]
+        if block == blocks - 1:  # the output layer
+            np.testing.assert_allclose(np.kron(a_pe, g_pe) * r_pe, np.kron(a, g) * r,
+                                       rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="approximation must be one of"):
         KFAC(approximation="mean")
 
 
 def dense_called_twice(combine, d_in=3, d_out=2, approximation="expand", stacked=False,
-                       **kfac_options):
+                       same_input=False, **kfac_options):
     """One Dense layer applied to both halves of a [N, 2, d_in] input, in two calls or
     (``stacked``) in one call on the two halves stacked along the batch axis; ``combine``
-    joins the two outputs. Returns (model, layer, block after one exact-Fisher step, x)."""
+    joins the two outputs; ``same_input``: both halves equal. Returns (model, layer, block
+    after one exact-Fisher step, x)."""
     rng = np.random.default_rng(18)
     x = rng.normal(size=(5, 2, d_in)).astype("float32")
+    if same_input:
+        x[:, 1] = x[:, 0]
     keras.utils.set_random_seed(19)
     inputs = keras.Input((2, d_in))
     layer = keras.layers.Dense(d_out, bias_initializer="random_normal")
@@ -357,7 +369,84 @@ def test_reduce_pools_over_the_calls_of_a_layer_called_twice(stacked):
                                exact_fisher_of_mse(model, layer, x), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("approximation", ["expand", "reduce"])
+def per_example_fisher(model, layer, x):
+    """The per-example gradient matrices M_n (per output probe) of the Keras MSE, and the
+    per-example Kronecker factors built from them (numpy)."""
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    n, size = x.shape[0], int(np.prod(outputs.shape[1:]))
+    jac = np.concatenate([tape.jacobian(outputs, layer.kernel).numpy().reshape(n, size, -1),
+                          tape.jacobian(outputs, layer.bias).numpy().reshape(n, size, -1)],
+                         axis=2)
+    d_out = layer.bias.shape[0]
+    matrices = jac.reshape(n, size, -1, d_out) * np.sqrt(2 / size)  # [N, probes, d_in, d_out]
+    tau = np.sum(matrices ** 2) / n
+    a = np.einsum("npio,npjo->ij", matrices, matrices) / n / np.sqrt(tau)
+    g = np.einsum("npio,npiq->oq", matrices, matrices) / n / np.sqrt(tau)
+    return a, g
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("same_input", [False, True])
+def test_per_example_factors_match_numpy_per_example_gradients(stacked, same_input):
+    """approximation='per_example' on a Dense layer called twice, its outputs differenced
+    (y = W x_1 - 0.5 W x_2): A and G from the per-example gradient matrices M_n (numpy,
+    from per-example Jacobians); on the same input they give the exact Fisher."""
+    def combine(a, b):
+        return a - 0.5 * b
+
+    model, layer, block, x = dense_called_twice(combine, stacked=stacked,
+                                                same_input=same_input,
+                                                approximation="per_example")
+    assert block.positions.numpy() == 1.0
+    a, g = per_example_fisher(model, layer, x)
+    np.testing.assert_allclose(block.a_factor.numpy(), a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(block.g_factor.numpy(), g, rtol=1e-5, atol=1e-7)
+    if same_input:
+        np.testing.assert_allclose(np.kron(a, g), exact_fisher_of_mse(model, layer, x),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_differenced_calls_defeat_expand_and_reduce_but_not_per_example():
+    """y = W x - 0.5 W x (two calls on the same input): the exact Fisher is that of 0.5 W x.
+    Expand counts the calls as independent positions (R = 2, 1 + 0.25 against 0.25: 5x);
+    reduce averages the inputs and sums the gradients (exact here, as the inputs agree);
+    per_example is exact. y = W x - W x does not depend on W: per_example gives zero."""
+    def half(a, b):
+        return a - 0.5 * b
+
+    fishers = {}
+    for approximation in ("expand", "reduce", "per_example"):
+        model, layer, block, x = dense_called_twice(half, same_input=True,
+                                                    approximation=approximation)
+        fishers[approximation] = block.positions.numpy() * np.kron(block.a_factor.numpy(),
+                                                                   block.g_factor.numpy())
+    exact = exact_fisher_of_mse(model, layer, x)
+    np.testing.assert_allclose(fishers["expand"], 5.0 * exact, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fishers["reduce"], exact, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fishers["per_example"], exact, rtol=1e-5, atol=1e-7)
+    _, _, cancelled, _ = dense_called_twice(lambda a, b: a - b, same_input=True,
+                                            approximation="per_example")
+    np.testing.assert_array_equal(cancelled.g_factor.numpy(), 0.0)
+    np.testing.assert_array_equal(cancelled.a_factor.numpy(), 0.0)
+
+
+def test_per_example_takes_calls_with_different_positions():
+    """A Dense layer on 3 tokens and on their mean: M_n sums over every row of both calls."""
+    inputs = keras.Input((3, 4))
+    keras.utils.set_random_seed(29)
+    layer = keras.layers.Dense(2, bias_initializer="random_normal")
+    tokens, pooled = layer(inputs), layer(keras.ops.mean(inputs, axis=1))
+    model = keras.Model(inputs, keras.ops.sum(tokens, axis=1) - pooled)
+    x = np.random.default_rng(30).normal(size=(4, 3, 4)).astype("float32")
+    optimizer = exact_kfac(approximation="per_example").register(model)
+    curvature_step(model, optimizer, x, apply=False)
+    a, g = per_example_fisher(model, layer, x)
+    np.testing.assert_allclose(optimizer.blocks[0].a_factor.numpy(), a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(optimizer.blocks[0].g_factor.numpy(), g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("approximation", ["expand", "reduce", "per_example"])
 def test_statistics_examples_keeps_the_same_examples_in_every_stacked_copy(approximation):
     """statistics_examples=3 on a call over the batch stacked twice: the factors are those
     of the first 3 examples alone (in both copies), not of the first 3 rows."""
@@ -426,6 +515,36 @@ def test_group_norm_diagonal_matches_numpy_per_example_gradients():
     update = block.precondition([tf.ones(channels), tf.ones(channels)], 0.5, 1.0)
     np.testing.assert_allclose(update[0].numpy(),
                                1 / (block.fisher_diagonals[0].numpy() + 0.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("approximation", ["per_example", "expand"])
+def test_group_norm_called_twice(approximation):
+    """A GroupNorm applied to two inputs whose outputs are summed: per_example sums each
+    example's per-channel terms over the calls before squaring, the exact diagonal of the
+    Fisher; expand adds the calls' squares (the cross terms left out)."""
+    rng = np.random.default_rng(27)
+    n, size, channels, d_out = 4, 3, 6, 2
+    x = rng.normal(size=(n, size, size, channels)).astype("float32")
+    shift = rng.normal(size=x.shape).astype("float32")
+    inputs = keras.Input((size, size, channels))
+    norm = keras.layers.GroupNormalization(groups=3, gamma_initializer="random_normal",
+                                           beta_initializer="random_normal")
+    keras.utils.set_random_seed(28)
+    head = keras.layers.Dense(d_out)
+    summed = norm(inputs) + 0.5 * norm(inputs * inputs + keras.ops.convert_to_tensor(shift))
+    model = keras.Model(inputs, head(keras.layers.Flatten()(summed)))
+    optimizer = exact_kfac(approximation=approximation).register(model)
+    curvature_step(model, optimizer, x, apply=False)
+    block = next(b for b in optimizer.blocks if isinstance(b, GroupNormBlock))
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    for variable, fisher in zip((norm.gamma, norm.beta), block.fisher_diagonals, strict=True):
+        jac = tape.jacobian(outputs, variable).numpy()  # [N, D, C]
+        exact = 2 / d_out * np.sum(jac ** 2, axis=(0, 1)) / n
+        if approximation == "per_example":
+            np.testing.assert_allclose(fisher.numpy(), exact, rtol=1e-4, atol=1e-7)
+        else:
+            assert not np.allclose(fisher.numpy(), exact, rtol=1e-2)
 
 
 # -- the other likelihoods -----------------------------------------------------------------

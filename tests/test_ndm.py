@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -20,7 +21,7 @@ from tfngd.likelihood import (
 )
 from tfngd.ndm import NeuralDiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
-from tfngd.optimizers import KFAC
+from tfngd.optimizers import KFAC, diagnostics
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -221,6 +222,46 @@ def test_residuals_square_to_the_bound_and_carry_its_gradient():
     assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in exact)  # both networks learn
 
 
+def curvature_along_gradient(approximation: str, num_timesteps: int = 1000) -> dict:
+    """Per transform layer, K-FAC's ``d^T F d`` over the exact Gauss-Newton's along the
+    gradient ``d`` (:func:`tfngd.optimizers.diagnostics.curvature_along_gradient`; one
+    batch, exact probes, randomised transform so that every layer has a gradient)."""
+    keras.utils.set_random_seed(0)
+    transform = randomise(mlp("transform", 0), 5, scale=1.0)
+    model = NeuralDiffusionModel(transform, randomise(mlp("reverse", 1), 1),
+                                 GaussianDiffusion("cosine", num_timesteps, prediction_type="x0"),
+                                 ema_decay=0.0)
+    optimizer = KFAC(fisher="exact", approximation=approximation)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.compile(optimizer=optimizer)
+    warned = [w for w in caught if "misjudges the transform's curvature" in str(w.message)]
+    assert len(warned) == (approximation != "per_example")
+    rng = np.random.default_rng(0)
+    x = tf.constant(ring(64, 0))
+    t = tf.constant(rng.integers(1, num_timesteps, 64), tf.int32)
+    noise, decoder_noise = (tf.constant(rng.normal(size=x.shape), tf.float32) for _ in range(2))
+    checks = diagnostics.curvature_along_gradient(
+        optimizer, model.transform_network.trainable_variables
+        + model.reverse_network.trainable_variables,
+        lambda: model.training_objective(x, t, noise, decoder_noise, None))
+    transform_layers = {id(layer) for layer in model.transform_network.layers}
+    return {check.name: check.ratio for check in checks
+            if id(check.block.layer) in transform_layers}
+
+
+def test_per_example_kfac_gets_the_transforms_curvature_where_expand_and_reduce_fail():
+    """The bound depends on F_phi through F(x, t - 1) - F(x, t) and F(x, s) - F(x_hat, s):
+    differenced calls of the same network. Along the gradient, approximation='per_example'
+    is within a factor 4 of the exact Gauss-Newton on every transform layer (T = 1000);
+    expand (calls as independent positions) overstates the output layer's by > 100x,
+    reduce (inputs averaged over the calls) understates it by > 1000x."""
+    per_example = curvature_along_gradient("per_example")
+    assert len(per_example) == 8 and all(0.25 < r < 4 for r in per_example.values()), per_example
+    assert curvature_along_gradient("expand")["out"] > 100
+    assert curvature_along_gradient("reduce")["out"] < 1e-3
+
+
 # ----------------------------------------------------------------- training
 
 
@@ -238,7 +279,8 @@ def test_training_lowers_the_bound(optimizer_name):
     if optimizer_name == "adam":
         optimizer = keras.optimizers.Adam(3e-3)
     else:
-        optimizer = KFAC(learning_rate=0.1, damping=1e-3, inverse_every=5)
+        optimizer = KFAC(learning_rate=0.1, damping=1e-3, inverse_every=5,
+                         approximation="per_example")
     model.compile(optimizer=optimizer, jit_compile=False)  # XLA compilation costs more here
     train, held_out = ring(2048, 0), ring(256, 1)
     transform_before = [w.numpy() for w in model.transform_network.weights]
@@ -316,8 +358,8 @@ def test_weights_round_trip_reproduces_losses(tmp_path):
     def build():
         model = make_ndm(timestep_sampler="loss_second_moment")
         # Eagerly: a handful of steps, where tracing the K-FAC step would cost more.
-        model.compile(optimizer=KFAC(learning_rate=0.05, damping=1e-2, inverse_every=2),
-                      run_eagerly=True)
+        model.compile(optimizer=KFAC(learning_rate=0.05, damping=1e-2, inverse_every=2,
+                                     approximation="per_example"), run_eagerly=True)
         return model
 
     train = ring(256, 0)
@@ -582,7 +624,8 @@ def test_learned_variance_trains_and_samples(optimizer_name):
     if optimizer_name == "adam":
         optimizer = keras.optimizers.Adam(3e-3)
     else:
-        optimizer = KFAC(learning_rate=0.05, damping=1e-2, inverse_every=5)
+        optimizer = KFAC(learning_rate=0.05, damping=1e-2, inverse_every=5,
+                         approximation="per_example")
     model.compile(optimizer=optimizer, jit_compile=False)  # XLA compilation costs more here
     train = data_lib.make_toy_data("checkerboard", 64 * 8, seed=0)
     before = variance_kernel(model)

@@ -85,7 +85,7 @@ class TrainConfig:
     statistics_examples: int | None = 16
     inverse_every: int = 100
     inverse_method: str = "cholesky"
-    kfac_approximation: str = "expand"
+    kfac_approximation: str = "auto"
     global_clipnorm: float | None = 1.0
     batch_size: int = 64
     epochs: int = 30
@@ -180,7 +180,7 @@ class TrainConfig:
             integer("statistics_examples", self.statistics_examples, 1)
         integer("inverse_every", self.inverse_every, 1)
         choice("inverse_method", self.inverse_method, INVERSE_METHODS)
-        choice("kfac_approximation", self.kfac_approximation, APPROXIMATIONS)
+        choice("kfac_approximation", self.kfac_approximation, ("auto", *APPROXIMATIONS))
         if self.global_clipnorm is not None:
             real("global_clipnorm", self.global_clipnorm, 0.0, 1e6, low_open=True)
         integer("batch_size", self.batch_size, 1, 65_536)
@@ -238,6 +238,17 @@ class TrainConfig:
         if self.model == "ddpm" and self.dataset in data_lib.TOY_DATASETS:
             return "ddpm"
         return MODEL_SAMPLERS[self.model][0]
+
+    @property
+    def kfac_approximation_used(self) -> str:
+        """``kfac_approximation``, with ``"auto"`` resolved: ``"per_example"`` for an NDM
+        (its transform is evaluated several times per example and the bound depends on
+        differences of those evaluations, which expand and reduce get wrong by orders of
+        magnitude: docs/kfac.md section 2), ``"expand"`` otherwise (every layer is called
+        once; expand is the measured default of the main job)."""
+        if self.kfac_approximation != "auto":
+            return self.kfac_approximation
+        return "per_example" if self.model == "ndm" else "expand"
 
     def sample_kwargs(self) -> dict:
         """Keyword arguments of the model's ``sample`` for this run's sampler settings
@@ -424,7 +435,7 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
         return KFAC(damping=config.damping, statistics_every=config.statistics_every,
                     statistics_examples=config.statistics_examples,
                     inverse_every=config.inverse_every, inverse_method=config.inverse_method,
-                    approximation=config.kfac_approximation,
+                    approximation=config.kfac_approximation_used,
                     momentum=0.5 if config.momentum is None else config.momentum,
                     seed=config.seed, **common)
     raise ConfigError(f"optimizer={config.optimizer!r} is not valid; choose one of: "
@@ -471,8 +482,10 @@ OPTION_HELP = {
     "(kfac; 'none': all)",
     "inverse_every": "K-FAC inverse refresh period in steps (kfac)",
     "inverse_method": "K-FAC factor inverses: eigh, or cholesky (much faster under XLA) (kfac)",
-    "kfac_approximation": "K-FAC factors of shared weights (convolutions, Dense over tokens): "
-    "expand (every position an example) or reduce (positions pooled first: cheaper) (kfac)",
+    "kfac_approximation": "K-FAC factors of shared weights (convolutions, Dense over tokens, "
+    "layers called several times): auto (per_example for ndm, else expand), expand (every "
+    "position an example), reduce (positions pooled first: cheaper) or per_example (from each "
+    "example's gradient matrix: right for differenced calls, as in ndm) (kfac)",
     "global_clipnorm": "clip the global gradient norm to this value; 'none' disables",
     "batch_size": "training batch size",
     "epochs": "training epochs",

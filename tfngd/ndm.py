@@ -79,8 +79,9 @@ per dimension). The gradient reaches ``phi`` through ``z_t``, ``mu_q``,
 ``mu_p`` (``F`` evaluated at ``x`` and at ``x_hat``) and the prior.
 
 Fisher for K-FAC (both networks registered): every term of the bound is a
-squared residual plus a constant,
-``L = ||R||^2 + const`` with ``R = [sqrt((T - 1) w_t) r_t, r_rec, r_prior]``::
+squared residual plus a constant (use ``KFAC(approximation="per_example")``: see the
+end of this paragraph), ``L = ||R||^2 + const`` with
+``R = [sqrt((T - 1) w_t) r_t, r_rec, r_prior]``::
 
     r_t     = (mu_q - mu_p) sqrt(exp(-lv_p) / 2)
     r_rec   = (x - mu_dec) sqrt(exp(-lv_0) / 2)
@@ -95,8 +96,13 @@ so the surrogate over-estimates that term's curvature (smaller steps, never
 larger), while the gradient is the exact one. ``NN_phi`` is called on ``x``
 (at ``t``, ``t - 1`` and ``T - 1``) and on ``x_hat`` (at ``t`` and ``t - 1``),
 ``x_hat_theta`` on ``z_t`` and ``z_0``: each network is called twice per step
-(batched over its time points), and K-FAC folds every call of a layer into its
-factors (:mod:`tfngd.optimizers.curvature_blocks`).
+(batched over its time points). ``R`` depends on ``phi`` through differences of
+those evaluations (``F(x, t - 1) - F(x, t)``, ``F(x, s) - F(x_hat, s)``), so the
+per-call gradients nearly cancel: K-FAC must build each layer's factors from the
+per-example gradient summed over all its calls (``approximation="per_example"``,
+:mod:`tfngd.optimizers.curvature_blocks`); expand, which adds the calls as independent
+positions, overstated the transform's curvature by up to 2.5e5 on a U-Net and left it
+untrained (docs/ndm.md section 6).
 
 With a learned variance the KL and the decoder are no longer squared residuals in the
 network output: per element, as functions of ``(mu_p, lv_p)``,
@@ -125,6 +131,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -395,6 +402,14 @@ class NeuralDiffusionModel(keras.Model):
         """Keras ``compile``; a K-FAC optimizer gets both networks' layers registered."""
         super().compile(*args, **kwargs)
         kfac = kfac_of(self.optimizer)
+        if kfac is not None and not self.identity_transform and kfac.approximation != "per_example":
+            warnings.warn(
+                f"KFAC(approximation={kfac.approximation!r}) misjudges the transform's curvature: "
+                "the bound depends on differences of its evaluations (F(x, t - 1) - F(x, t), "
+                "F(x, s) - F(x_hat, s)), whose gradients nearly cancel, and expand / reduce "
+                "factor the calls as if independent / as if they saw the same input (off by up "
+                "to 1e5 along the gradient). Use approximation='per_example' (docs/kfac.md).",
+                stacklevel=2)
         if kfac is not None and not kfac.is_registered:
             kfac.register(self.trained_networks)
             # Registered with a list, K-FAC cannot find the variables itself: build it here.

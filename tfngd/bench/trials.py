@@ -102,14 +102,16 @@ LATER_OPTIONS = {"kfac_approximation": "expand", "model": "ddpm", "sde": "vp",
 
 def comparable_identity(identity: dict) -> str | None:
     """``identity`` as it compares across versions of TrainConfig: the
-    :data:`LATER_OPTIONS` at their neutral value left out and ``sampler`` replaced by the
-    sampler actually used (``"auto"`` resolved), as canonical JSON; None if the config
-    cannot be read. Two trials with equal comparable identities do the same work, so a
-    finished trial stays valid when an option is added (a rerun skips it)."""
+    :data:`LATER_OPTIONS` at their neutral value left out and ``sampler`` and
+    ``kfac_approximation`` replaced by what was actually used (``"auto"`` resolved), as
+    canonical JSON; None if the config cannot be read. Two trials with equal comparable
+    identities do the same work, so a finished trial stays valid when an option is added
+    (a rerun skips it)."""
     try:
         config = dict(identity["config"])
-        config["sampler"] = TrainConfig.from_dict(
-            {k: v for k, v in config.items() if k != "data_dir"}).sampling_method
+        resolved = TrainConfig.from_dict({k: v for k, v in config.items() if k != "data_dir"})
+        config["sampler"] = resolved.sampling_method
+        config["kfac_approximation"] = resolved.kfac_approximation_used
     except (KeyError, TypeError, ValueError):
         return None
     for name, neutral in LATER_OPTIONS.items():

@@ -7,9 +7,12 @@
   inverses, update rule);
 * :mod:`~tfngd.optimizers.training`: ``gradients_and_curvature`` (the K-FAC
   train-step sequence) and ``NaturalGradientModel``, whose ``train_step``
-  drives the curvature updates in ``model.fit``.
+  drives the curvature updates in ``model.fit``;
+* :mod:`~tfngd.optimizers.diagnostics`: K-FAC's curvature along the gradient
+  against the exact Gauss-Newton's, per block (is the approximation sane here?).
 """
 
+from tfngd.optimizers import diagnostics
 from tfngd.optimizers.capture import LayerCall, capture_layer_calls, find_registrable_layers
 from tfngd.optimizers.curvature_blocks import Conv2DBlock, DenseBlock, GroupNormBlock
 from tfngd.optimizers.kfac import KFAC
@@ -29,6 +32,7 @@ __all__ = [
     "LayerCall",
     "NaturalGradientModel",
     "capture_layer_calls",
+    "diagnostics",
     "find_registrable_layers",
     "gradients_and_curvature",
     "kfac_of",

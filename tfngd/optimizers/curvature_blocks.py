@@ -42,6 +42,31 @@ pooled before the loss. Both coincide for ``R = 1``. Reduce never forms the
 ``N R x d_in`` patch products: its factor cost is ``N d_in^2`` instead of
 ``N R d_in^2`` (a factor 64 on an 8x8 feature map).
 
+Both treat the calls of a layer evaluated ``k`` times per example (several
+calls, or one call on ``k`` stacked copies of the batch) as further positions.
+When the calls' outputs are *differenced* before the loss, their gradients
+nearly cancel and both fail: a Neural Diffusion Model's bound depends on its
+transform through ``F(x, t - 1) - F(x, t)`` and ``F(x, s) - F(x_hat, s)``, and
+along the gradient expand overstates the transform's curvature by up to
+``2.5e5`` and reduce understates it by up to ``1.5e-5`` (docs/kfac.md section 2).
+``approximation="per_example"`` builds the factors from each example's whole
+gradient matrix, every call, copy and position summed first (with ``a_bar`` and
+``g`` of one position ``[d_in]`` and ``[d_out]``, per probe)::
+
+    M_n = sum_{calls, copies, r} a_bar g^T                   (d_in x d_out)
+    tau = 1/N sum_probes sum_n ||M_n||_F^2
+    A = 1/N sum_probes sum_n M_n M_n^T / sqrt(tau)
+    G = 1/N sum_probes sum_n M_n^T M_n / sqrt(tau)
+    F_layer ~= A kron G                              (stored with R := 1)
+
+``A kron G`` is the Kronecker product nearest, in this moment-matching sense, to
+the exact per-example Fisher ``1/N sum vec(M_n) vec(M_n)^T``: it has the right
+trace (``tr A tr G = tau``), reduces to ``E[a a^T] kron E[g g^T]`` when every
+``M_n = a_n g_n^T`` with ``a`` independent of ``g`` (the K-FAC assumption), and
+gives zero curvature to calls that cancel exactly. Cost: ``N R d_in d_out``
+to form ``M`` plus ``N d_in d_out (d_in + d_out)`` for the products (expand:
+``N R (d_in^2 + d_out^2)``); memory ``N d_in d_out`` per probe.
+
 Damping (``lambda``), two modes:
 
 * ``"pi"``: ``(F + lambda I)^-1 ~= R^-1 (A + pi sqrt(l') I)^-1 kron (G + sqrt(l')/pi I)^-1``
@@ -75,7 +100,7 @@ import tensorflow as tf
 
 DAMPING_MODES = ("pi", "eigen")
 INVERSE_METHODS = ("eigh", "cholesky")
-APPROXIMATIONS = ("expand", "reduce")
+APPROXIMATIONS = ("expand", "reduce", "per_example")
 # Relative jitter (times the largest diagonal entry) added before a Cholesky factorisation, so
 # that float32 rounding can never make a PSD factor plus damping look indefinite.
 _CHOLESKY_JITTER = 1e-6
@@ -250,6 +275,11 @@ class CurvatureBlock:
         """Damped inverse Fisher block times the gradients (same order as ``variables``)."""
         raise NotImplementedError
 
+    def curvature_along(self, statistics: Sequence, gradients: Sequence) -> tf.Tensor:
+        """``d^T F d`` for the direction ``d = gradients`` (same order as ``variables``) under
+        the undamped Fisher block of ``statistics`` (what :meth:`batch_statistics` returns)."""
+        raise NotImplementedError
+
     def diagnostics(self) -> dict:
         """Scalars describing the curvature from the last inverse refresh."""
         raise NotImplementedError
@@ -260,6 +290,11 @@ def _example_count(inputs: Sequence, examples=None) -> tf.Tensor:
     if examples is None:
         return tf.shape(inputs[0])[0]
     return tf.cast(examples, tf.int32)
+
+
+def _copies(values, examples) -> tf.Tensor:
+    """``[k, N, ...]``: a call's ``[k N, ...]`` tensor split into its ``k`` stacked copies."""
+    return tf.reshape(values, tf.concat([[-1, examples], tf.shape(values)[1:]], 0))
 
 
 def _sum_per_example(values, examples, channels: int) -> tf.Tensor:
@@ -341,6 +376,8 @@ class KroneckerFactoredBlock(CurvatureBlock):
         examples = _example_count(inputs, examples)
         if self.approximation == "reduce":
             return self._reduced_statistics(inputs, output_gradients, examples)
+        if self.approximation == "per_example":
+            return self._per_example_statistics(inputs, output_gradients, examples)
         a_sum = tf.zeros((self.input_dim, self.input_dim), tf.float32)
         g_sum = tf.zeros((self.output_dim, self.output_dim), tf.float32)
         rows = tf.constant(0.0)
@@ -376,10 +413,29 @@ class KroneckerFactoredBlock(CurvatureBlock):
             g_sum += tf.matmul(g, g, transpose_a=True)
         return [tf.matmul(a, a, transpose_a=True) / count, g_sum / count, tf.constant(1.0)]
 
+    def _per_example_statistics(self, inputs, output_gradients, examples) -> list:
+        """``[A, G, 1]`` from the per-example gradient matrices ``M_n`` (module docstring):
+        every call, stacked copy and position of an example summed into one ``M_n``."""
+        count = tf.maximum(tf.cast(examples, tf.float32), 1.0)
+        rows = [self._with_bias_column(_copies(self._input_rows(call_inputs), examples))
+                for call_inputs in inputs]  # per call [k, N, R, d_in]
+        m_m_t = tf.zeros((self.input_dim, self.input_dim), tf.float32)
+        m_t_m = tf.zeros((self.output_dim, self.output_dim), tf.float32)
+        for probe in range(len(output_gradients[0])):
+            gradient_matrices = tf.add_n([
+                tf.einsum("knri,knro->nio", a, _copies(tf.reshape(
+                    _float32(gradients[probe]),
+                    (tf.shape(gradients[probe])[0], -1, self.output_dim)), examples))
+                for a, gradients in zip(rows, output_gradients, strict=True)])
+            m_m_t += tf.einsum("nio,njo->ij", gradient_matrices, gradient_matrices)
+            m_t_m += tf.einsum("nio,nip->op", gradient_matrices, gradient_matrices)
+        root_trace = tf.sqrt(tf.maximum(tf.linalg.trace(m_t_m) / count, _TINY))
+        return [m_m_t / (count * root_trace), m_t_m / (count * root_trace), tf.constant(1.0)]
+
     def _with_bias_column(self, a) -> tf.Tensor:
-        """``a_bar``: the rows with a 1 appended when the layer has a bias."""
+        """``a_bar``: the rows (last axis) with a 1 appended when the layer has a bias."""
         if self.has_bias:
-            return tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
+            return tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
         return a
 
     # -- inverse ---------------------------------------------------------------
@@ -438,6 +494,11 @@ class KroneckerFactoredBlock(CurvatureBlock):
         if not self.has_bias:
             return [kernel]
         return [kernel, matrix[self.kernel_rows]]
+
+    def curvature_along(self, statistics, gradients) -> tf.Tensor:
+        a_factor, g_factor, positions = statistics
+        direction = self._gradient_matrix(gradients)
+        return positions * tf.reduce_sum((a_factor @ direction @ g_factor) * direction)
 
     def precondition(self, gradients, damping, correction) -> list:
         grad = self._gradient_matrix(gradients)
@@ -552,27 +613,36 @@ class GroupNormBlock(CurvatureBlock):
         return tf.reshape(x_hat, (tf.shape(x)[0], -1, self.channels))
 
     def batch_statistics(self, inputs, output_gradients, examples=None) -> list:
+        """Per channel, ``1/N sum_probes sum_n t_n^2`` with ``t_n`` an example's
+        ``sum_hw x_hat dy`` (gamma) or ``sum_hw dy`` (beta) of one call, the calls'
+        terms treated as independent (the diagonal analogue of expand's extra
+        positions); with ``approximation="per_example"`` the terms are summed over the
+        calls and stacked copies first, which is the exact diagonal."""
+        count = _example_count(inputs, examples)
+        x_hats = [self.normalized_inputs(call_inputs) for call_inputs in inputs]
         sums = [tf.zeros((self.channels,), tf.float32) for _ in self.variables]
-        for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
-            x_hat = self.normalized_inputs(call_inputs)
-            for dy in probe_gradients:
-                dy = tf.reshape(_float32(dy), tf.shape(x_hat))
-                per_example = []
-                if self.layer.scale:
-                    per_example.append(tf.reduce_sum(x_hat * dy, axis=1))  # gamma
-                if self.layer.center:
-                    per_example.append(tf.reduce_sum(dy, axis=1))  # beta
-                sums = [s + tf.reduce_sum(tf.square(p), axis=0)
-                        for s, p in zip(sums, per_example, strict=True)]
-        # Every call's (and stacked copy's) terms count for the same N examples: their sums
-        # are treated as independent, the diagonal analogue of expand's extra positions.
-        examples = tf.maximum(tf.cast(_example_count(inputs, examples), tf.float32), 1.0)
+        for probe in range(len(output_gradients[0])):
+            per_call = []  # per call: its [k N, C] terms of gamma, then of beta
+            for x_hat, probe_gradients in zip(x_hats, output_gradients, strict=True):
+                dy = tf.reshape(_float32(probe_gradients[probe]), tf.shape(x_hat))
+                per_call.append(([tf.reduce_sum(x_hat * dy, axis=1)] if self.layer.scale else [])
+                                + ([tf.reduce_sum(dy, axis=1)] if self.layer.center else []))
+            for index in range(len(self.variables)):
+                terms = [call[index] for call in per_call]
+                if self.approximation == "per_example":
+                    terms = [tf.add_n([tf.reduce_sum(_copies(t, count), axis=0) for t in terms])]
+                sums[index] += tf.add_n([tf.reduce_sum(tf.square(t), axis=0) for t in terms])
+        examples = tf.maximum(tf.cast(count, tf.float32), 1.0)
         return [s / examples for s in sums]
 
     def update_inverse(self, damping, correction) -> tf.Tensor:
         diagonal = tf.concat([f * correction for f in self.fisher_diagonals], axis=0)
         self.spectrum.assign(tf.stack([tf.reduce_min(diagonal), tf.reduce_max(diagonal)]))
         return tf.constant(True)  # nothing to decompose: the diagonal is used as is
+
+    def curvature_along(self, statistics, gradients) -> tf.Tensor:
+        return tf.add_n([tf.reduce_sum(f * tf.square(_float32(g)))
+                         for f, g in zip(statistics, gradients, strict=True)])
 
     def precondition(self, gradients, damping, correction) -> list:
         return [_float32(g) / (f * correction + damping)

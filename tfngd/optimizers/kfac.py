@@ -81,6 +81,18 @@ def portable_categorical(logits, seed) -> tf.Tensor:
     return tf.argmax(logits + gumbel, axis=-1)
 
 
+def default_per_example_scale(outputs, likelihood: str) -> tf.Tensor:
+    """``s_n`` of the Keras convention of a mean over output elements: ``1 / D`` for
+    gaussian (``D`` elements per example), ``1 / P`` for categorical (``P`` positions per
+    example, 1 for ``[N, K]`` logits)."""
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    dims = list(outputs.shape[1:] if likelihood == "gaussian" else outputs.shape[1:-1])
+    if any(d is None for d in dims):
+        raise ValueError("outputs have dynamic dimensions: pass per_example_scale")
+    return tf.constant(1.0 / math.prod(int(d) for d in dims), tf.float32)
+
+
 def _all_finite(tensors) -> tf.Tensor:
     checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]
     return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
@@ -160,7 +172,11 @@ class KFAC(keras.optimizers.Optimizer):
         ``F ~= R (A kron G)``) or ``"reduce"`` (K-FAC-reduce, Eschenhagen et al.
         2023: inputs averaged and output gradients summed over positions before
         the products; ``R`` times cheaper factors). Same for ``R = 1``.
-        Defaults to ``"expand"``.
+        ``"per_example"``: factors from each example's whole gradient matrix (every
+        call, stacked copy and position summed first; for layers evaluated several
+        times whose outputs are differenced before the loss, as in Neural Diffusion
+        Models, where expand and reduce are off by orders of magnitude). See
+        :mod:`tfngd.optimizers.curvature_blocks`. Defaults to ``"expand"``.
       fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see above). Defaults to ``"mc"``.
       mc_samples: probes per example for ``fisher="mc"``. Defaults to 1.
       statistics_examples: fold only the first ``M`` examples of each batch into
@@ -392,17 +408,8 @@ class KFAC(keras.optimizers.Optimizer):
         shape = tf.shape(outputs32)
         rank = outputs.shape.rank
         example_dims = [int(d) if d is not None else None for d in outputs.shape[1:]]
-        if likelihood == "gaussian":
-            default_count = math.prod(example_dims) if None not in example_dims else None
-        else:
-            default_count = (math.prod(example_dims[:-1]) if None not in example_dims[:-1]
-                             else None)
-        if per_example_scale is None:
-            if default_count is None:
-                raise ValueError("outputs have dynamic dimensions: pass per_example_scale")
-            scale = tf.constant(1.0 / default_count, tf.float32)
-        else:
-            scale = tf.cast(per_example_scale, tf.float32)
+        scale = (default_per_example_scale(outputs, likelihood) if per_example_scale is None
+                 else tf.cast(per_example_scale, tf.float32))
         if scale.shape.rank == 1:
             scale = tf.reshape(scale, [-1] + [1] * (rank - 1))
 
@@ -452,48 +459,10 @@ class KFAC(keras.optimizers.Optimizer):
         statistics are not accumulated and make the next ``apply`` skip its update.
         """
         registration = self._require_registration()
-        if not self.built:
-            self.build(registration.trainable_variables())
-        calls = [c for c in captured if id(c.layer) in registration.block_of_layer]
-        if not calls:
-            raise ValueError("no registered layer was called inside optimizer.capture()")
-        if not tf.is_tensor(outputs):
-            raise TypeError("update_curvature needs the model output as a single tensor, got "
-                            f"{type(outputs).__name__}")
-        if self.fisher == "empirical" and loss is None:
-            raise ValueError("fisher='empirical' needs the loss: update_curvature(..., loss=loss)")
 
         def collect():
-            pre_activations = [c.outputs for c in calls]
-            if self.fisher == "empirical":
-                batch = tf.cast(tf.shape(outputs)[0], tf.float32)
-                grads = tape.gradient(loss, pre_activations,
-                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                probe_grads = [[g * tf.cast(batch, g.dtype) for g in grads]]
-            else:
-                probe_grads = [
-                    tape.gradient(outputs, pre_activations, output_gradients=v,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                    for v in self.output_probes(outputs, likelihood, per_example_scale)
-                ]
-            examples = tf.shape(outputs)[0]
-            if self.statistics_examples is not None:
-                examples = tf.minimum(examples, self.statistics_examples)
-
-            def subset(tensor):
-                return self._example_subset(tensor, tf.shape(outputs)[0])
-
-            statistics = []
-            for block in registration.blocks:
-                indices = [i for i, c in enumerate(calls) if c.layer is block.layer]
-                if not indices:
-                    statistics.append(None)
-                    continue
-                statistics.append(block.batch_statistics(
-                    [subset(calls[i].inputs) for i in indices],
-                    [[subset(grads[i]) for grads in probe_grads] for i in indices],
-                    examples,
-                ))
+            statistics = self.batch_statistics(tape, captured, outputs, likelihood,
+                                               per_example_scale, loss)
             finite = _all_finite([s for stats in statistics if stats for s in stats])
 
             def accumulate():
@@ -507,10 +476,61 @@ class KFAC(keras.optimizers.Optimizer):
             self._curvature_finite.assign(
                 tf.minimum(self._curvature_finite, tf.cast(finite, tf.int32)))
 
+        if not self.built:
+            self.build(registration.trainable_variables())
+        self._check_curvature_inputs(captured, outputs, loss)
         if self.statistics_every == 1:
             collect()
         else:
             _run_if(self._statistics_due(), collect)
+
+    def _check_curvature_inputs(self, captured, outputs, loss) -> None:
+        registration = self._require_registration()
+        if not any(id(c.layer) in registration.block_of_layer for c in captured):
+            raise ValueError("no registered layer was called inside optimizer.capture()")
+        if not tf.is_tensor(outputs):
+            raise TypeError("update_curvature needs the model output as a single tensor, got "
+                            f"{type(outputs).__name__}")
+        if self.fisher == "empirical" and loss is None:
+            raise ValueError("fisher='empirical' needs the loss: update_curvature(..., loss=loss)")
+
+    @tf.autograph.experimental.do_not_convert
+    def batch_statistics(self, tape, captured, outputs, likelihood: str = "gaussian",
+                         per_example_scale=None, loss=None) -> list:
+        """This batch's statistics of every block (None: the block's layer was not called),
+        from the probes' output gradients; the running state is not touched. Arguments as
+        for :meth:`update_curvature` (the optimizer must be built)."""
+        registration = self._require_registration()
+        self._check_curvature_inputs(captured, outputs, loss)
+        calls = [c for c in captured if id(c.layer) in registration.block_of_layer]
+        pre_activations = [c.outputs for c in calls]
+        if self.fisher == "empirical":
+            batch = tf.cast(tf.shape(outputs)[0], tf.float32)
+            grads = tape.gradient(loss, pre_activations,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            probe_grads = [[g * tf.cast(batch, g.dtype) for g in grads]]
+        else:
+            probe_grads = [
+                tape.gradient(outputs, pre_activations, output_gradients=v,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                for v in self.output_probes(outputs, likelihood, per_example_scale)
+            ]
+        examples = tf.shape(outputs)[0]
+        if self.statistics_examples is not None:
+            examples = tf.minimum(examples, self.statistics_examples)
+
+        def subset(tensor):
+            return self._example_subset(tensor, tf.shape(outputs)[0])
+
+        statistics = []
+        for block in registration.blocks:
+            indices = [i for i, c in enumerate(calls) if c.layer is block.layer]
+            statistics.append(block.batch_statistics(
+                [subset(calls[i].inputs) for i in indices],
+                [[subset(grads[i]) for grads in probe_grads] for i in indices],
+                examples,
+            ) if indices else None)
+        return statistics
 
     def work_due(self, step: int) -> tuple[bool, bool]:
         """``(statistics, inverse refresh)`` due at the step with ``iterations == step``
