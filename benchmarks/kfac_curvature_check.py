@@ -10,9 +10,12 @@ the exact Gauss-Newton's
 (:func:`tfngd.optimizers.diagnostics.curvature_along_gradient`; 1 is exact, the
 step along the gradient scales as its inverse). Two models: residual MLPs on
 the 2-D checkerboard (x0 parameterisation, exact probes) and 8-channel U-Nets on
-the 8x8 digits (v parameterisation, 32 Monte-Carlo probes). The transform
-network's weights are randomised (its output layer is zero-initialised, which
-leaves every other layer without a gradient at initialisation). Writes
+the 8x8 digits (v parameterisation, 32 Monte-Carlo probes). The networks'
+weights are randomised (their output layers are zero-initialised, which leaves
+every other layer without a gradient at initialisation). A third case,
+``digits_ddpm``, is the main job's DDPM (:func:`tfngd.config.build_model` with
+the default :class:`~tfngd.config.TrainConfig`: base-32 U-Net with attention,
+eps prediction, every layer called once), for comparison. Writes
 ``benchmarks/results/kfac_curvature_check.json``.
 """
 
@@ -31,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfngd import data as data_lib
+from tfngd.config import TrainConfig, build_model
 from tfngd.gaussian_diffusion import GaussianDiffusion
 from tfngd.ndm import NeuralDiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
@@ -65,7 +69,29 @@ def case(name: str, num_timesteps: int):
         splits.train[:32], "v", {"fisher": "mc", "mc_samples": 32}
 
 
+def ddpm_ratios(num_timesteps: int, approximation: str, seed: int = 0) -> dict:
+    """The main job's DiffusionModel on digits (randomised weights, 32 MC probes)."""
+    splits = data_lib.load_dataset("digits")
+    model = build_model(TrainConfig(num_timesteps=num_timesteps, seed=seed), splits.data_shape)
+    randomised(model.denoiser, seed + 1)
+    optimizer = KFAC(approximation=approximation, fisher="mc", mc_samples=32)
+    model.compile(optimizer=optimizer)
+    variables = model.denoiser.trainable_variables
+    optimizer.build(variables)
+    rng = np.random.default_rng(seed)
+    x = tf.constant(splits.train[:32], tf.float32)
+    t = tf.constant(rng.integers(0, num_timesteps, len(x)), tf.int32)
+    noise = tf.constant(rng.normal(size=x.shape), tf.float32)
+    checks = diagnostics.curvature_along_gradient(
+        optimizer, variables,
+        lambda: model.denoising_loss(model.denoiser, x, t, noise, None, tf.ones([len(x)]),
+                                     training=True))
+    return {"denoiser/" + c.name: c.ratio for c in checks}
+
+
 def ratios(name: str, num_timesteps: int, approximation: str, seed: int = 0) -> dict:
+    if name == "digits_ddpm":
+        return ddpm_ratios(num_timesteps, approximation, seed)
     network, data, prediction_type, probes = case(name, num_timesteps)
     keras.utils.set_random_seed(seed)
     transform = randomised(network("transform"), seed + 1)
@@ -93,8 +119,9 @@ def ratios(name: str, num_timesteps: int, approximation: str, seed: int = 0) -> 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["checkerboard_mlp", "digits_unet"],
-                        choices=("checkerboard_mlp", "digits_unet"))
+    parser.add_argument("--cases", nargs="+",
+                        default=["checkerboard_mlp", "digits_unet", "digits_ddpm"],
+                        choices=("checkerboard_mlp", "digits_unet", "digits_ddpm"))
     parser.add_argument("--num-timesteps", type=int, nargs="+", default=[20, 1000])
     parser.add_argument("--output",
                         default=os.path.join("benchmarks", "results", "kfac_curvature_check.json"))
@@ -105,15 +132,17 @@ def main():
                        "gradient d, per layer (1: exact)",
               "cases": []}
     for name in args.cases:
-        for num_timesteps in args.num_timesteps:
+        # The DDPM case is the main job's chain only.
+        for num_timesteps in args.num_timesteps if name != "digits_ddpm" else [1000]:
             entry = {"case": name, "num_timesteps": num_timesteps, "ratios": {}}
             for approximation in APPROXIMATIONS:
                 entry["ratios"][approximation] = ratios(name, num_timesteps, approximation)
-            for network in ("transform", "reverse"):
+            networks = {key.split("/")[0] for key in entry["ratios"]["expand"]}
+            for network in sorted(networks, reverse=True):
                 summary = []
                 for approximation in APPROXIMATIONS:
                     values = [v for k, v in entry["ratios"][approximation].items()
-                              if k.startswith(network)]
+                              if k.startswith(network + "/")]
                     summary.append(f"{approximation} {min(values):.3g}..{max(values):.3g}")
                 print(f"{name} T={num_timesteps} {network}: " + "; ".join(summary), flush=True)
             report["cases"].append(entry)

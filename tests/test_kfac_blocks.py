@@ -407,6 +407,27 @@ def test_per_example_factors_match_numpy_per_example_gradients(stacked, same_inp
                                    rtol=1e-5, atol=1e-7)
 
 
+def test_per_example_products_through_gram_or_matrices_agree():
+    """The Gram route and the explicit M_n route give the same factors, and a Dense layer
+    on vectors (one position per call) takes the Gram route by default."""
+    def combine(a, b):
+        return a - 0.5 * b
+
+    forced = {}
+    for gram in (True, False):
+        DenseBlock.per_example_gram = gram
+        try:
+            forced[gram] = dense_called_twice(combine, approximation="per_example")[2]
+        finally:
+            DenseBlock.per_example_gram = None
+    default = dense_called_twice(combine, approximation="per_example")[2]
+    for gram, matrices, chosen in zip(forced[True].running_statistics,
+                                      forced[False].running_statistics,
+                                      default.running_statistics, strict=True):
+        np.testing.assert_allclose(matrices.numpy(), gram.numpy(), rtol=1e-5, atol=1e-8)
+        np.testing.assert_array_equal(chosen.numpy(), gram.numpy())
+
+
 def test_differenced_calls_defeat_expand_and_reduce_but_not_per_example():
     """y = W x - 0.5 W x (two calls on the same input): the exact Fisher is that of 0.5 W x.
     Expand counts the calls as independent positions (R = 2, 1 + 0.25 against 0.25: 5x);
