@@ -287,12 +287,13 @@ def test_reduce_equals_expand_without_weight_sharing_and_rejects_unknown_names()
     for approximation in ("expand", "reduce", "per_example"):
         optimizer = exact_kfac(approximation=approximation).register(model)
         curvature_step(model, optimizer, x, apply=False)
-        factors[approximation] = [v.numpy() for b in optimizer.blocks
-                                  for v in b.running_statistics]
+        factors[approximation] = [f.numpy() for b in optimizer.blocks
+                                  for f in b.kronecker_factors()]
     for expand, reduce in zip(factors["expand"], factors["reduce"], strict=True):
         np.testing.assert_allclose(reduce, expand, rtol=1e-6)
     # Per-example factors are scaled differently (tr A tr G = tau), their product is the same
-    # here: a linear model with exact probes has the same g for every example.
+    # here: a linear model with exact probes has the same g for every example. (Expand's and
+    # reduce's factors are the stored statistics themselves.)
     blocks = len(factors["expand"]) // 3
     for block in range(blocks):
         a, g, r = factors["expand"][3 * block:3 * block + 3]
@@ -400,8 +401,9 @@ def test_per_example_factors_match_numpy_per_example_gradients(stacked, same_inp
                                                 approximation="per_example")
     assert block.positions.numpy() == 1.0
     a, g = per_example_fisher(model, layer, x)
-    np.testing.assert_allclose(block.a_factor.numpy(), a, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(block.g_factor.numpy(), g, rtol=1e-5, atol=1e-7)
+    a_factor, g_factor, _ = block.kronecker_factors()
+    np.testing.assert_allclose(a_factor.numpy(), a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g_factor.numpy(), g, rtol=1e-5, atol=1e-7)
     if same_input:
         np.testing.assert_allclose(np.kron(a, g), exact_fisher_of_mse(model, layer, x),
                                    rtol=1e-5, atol=1e-7)
@@ -440,8 +442,8 @@ def test_differenced_calls_defeat_expand_and_reduce_but_not_per_example():
     for approximation in ("expand", "reduce", "per_example"):
         model, layer, block, x = dense_called_twice(half, same_input=True,
                                                     approximation=approximation)
-        fishers[approximation] = block.positions.numpy() * np.kron(block.a_factor.numpy(),
-                                                                   block.g_factor.numpy())
+        a_factor, g_factor, positions = (f.numpy() for f in block.kronecker_factors())
+        fishers[approximation] = positions * np.kron(a_factor, g_factor)
     exact = exact_fisher_of_mse(model, layer, x)
     np.testing.assert_allclose(fishers["expand"], 5.0 * exact, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(fishers["reduce"], exact, rtol=1e-5, atol=1e-7)
@@ -463,8 +465,9 @@ def test_per_example_takes_calls_with_different_positions():
     optimizer = exact_kfac(approximation="per_example").register(model)
     curvature_step(model, optimizer, x, apply=False)
     a, g = per_example_fisher(model, layer, x)
-    np.testing.assert_allclose(optimizer.blocks[0].a_factor.numpy(), a, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(optimizer.blocks[0].g_factor.numpy(), g, rtol=1e-5, atol=1e-7)
+    a_factor, g_factor, _ = optimizer.blocks[0].kronecker_factors()
+    np.testing.assert_allclose(a_factor.numpy(), a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g_factor.numpy(), g, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("approximation", ["expand", "reduce", "per_example"])

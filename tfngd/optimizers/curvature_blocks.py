@@ -54,10 +54,12 @@ gradient matrix, every call, copy and position summed first (with ``a_bar`` and
 ``g`` of one position ``[d_in]`` and ``[d_out]``, per probe)::
 
     M_n = sum_{calls, copies, r} a_bar g^T                   (d_in x d_out)
-    tau = 1/N sum_probes sum_n ||M_n||_F^2
-    A = 1/N sum_probes sum_n M_n M_n^T / sqrt(tau)
-    G = 1/N sum_probes sum_n M_n^T M_n / sqrt(tau)
-    F_layer ~= A kron G                              (stored with R := 1)
+    S_A = 1/N sum_probes sum_n M_n M_n^T     S_G = 1/N sum_probes sum_n M_n^T M_n
+    tau = tr S_A = tr S_G = 1/N sum_probes sum_n ||M_n||_F^2
+    A = S_A / sqrt(tau)     G = S_G / sqrt(tau)     F_layer ~= A kron G   (R := 1)
+
+(``S_A`` and ``S_G`` are what is stored and averaged, over steps and replicas; ``A``
+and ``G`` are formed at each refresh: :meth:`KroneckerFactoredBlock.kronecker_factors`.)
 
 ``A kron G`` is the Kronecker product nearest, in this moment-matching sense, to
 the exact per-example Fisher ``1/N sum vec(M_n) vec(M_n)^T``: it has the right
@@ -299,11 +301,11 @@ def _copies(values, examples) -> tf.Tensor:
 
 
 def _products_through_matrices(rows, gradients) -> tuple:
-    """``(sum_n M_n M_n^T, sum_n M_n^T M_n, sum_n ||M_n||^2)`` with ``M_n = a_n^T g_n``
-    formed explicitly (``rows`` ``a``: ``[N, P, d_in]``, ``gradients`` ``g``: ``[N, P, d_out]``)."""
+    """``(sum_n M_n M_n^T, sum_n M_n^T M_n)`` with ``M_n = a_n^T g_n`` formed explicitly
+    (``rows`` ``a``: ``[N, P, d_in]``, ``gradients`` ``g``: ``[N, P, d_out]``)."""
     matrices = tf.einsum("npi,npo->nio", rows, gradients)
     return (tf.einsum("nio,njo->ij", matrices, matrices),
-            tf.einsum("nio,nip->op", matrices, matrices), tf.reduce_sum(tf.square(matrices)))
+            tf.einsum("nio,nip->op", matrices, matrices))
 
 
 def _products_through_gram(rows, gradients) -> tuple:
@@ -311,8 +313,7 @@ def _products_through_gram(rows, gradients) -> tuple:
     a_gram = tf.einsum("npi,nqi->npq", rows, rows)
     g_gram = tf.einsum("npo,nqo->npq", gradients, gradients)
     return (tf.einsum("npi,npj->ij", rows, tf.einsum("npq,nqj->npj", g_gram, rows)),
-            tf.einsum("npo,npr->or", gradients, tf.einsum("npq,nqr->npr", a_gram, gradients)),
-            tf.reduce_sum(a_gram * g_gram))
+            tf.einsum("npo,npr->or", gradients, tf.einsum("npq,nqr->npr", a_gram, gradients)))
 
 
 def _sum_per_example(values, examples, channels: int) -> tf.Tensor:
@@ -432,8 +433,11 @@ class KroneckerFactoredBlock(CurvatureBlock):
         return [tf.matmul(a, a, transpose_a=True) / count, g_sum / count, tf.constant(1.0)]
 
     def _per_example_statistics(self, inputs, output_gradients, examples) -> list:
-        """``[A, G, 1]`` from the per-example gradient matrices ``M_n`` (module docstring):
-        every call, stacked copy and position of an example summed into one ``M_n``.
+        """``[S_A, S_G, 1]``, the second moments ``1/N sum M_n M_n^T`` and ``1/N sum M_n^T
+        M_n`` of the per-example gradient matrices ``M_n`` (module docstring; every call,
+        stacked copy and position of an example summed into one ``M_n``). They are
+        averaged as they are (over steps, and over replicas, linearly) and normalised
+        into ``A, G`` by :meth:`kronecker_factors`.
 
         With ``a_n`` (``[P, d_in]``) and ``g_n`` (``[P, d_out]``) the ``P`` rows of example
         ``n`` over all calls, copies and positions, ``M_n = a_n^T g_n``, and the products
@@ -454,17 +458,14 @@ class KroneckerFactoredBlock(CurvatureBlock):
             self._input_rows(call_inputs)), examples) for call_inputs in inputs], axis=1)
         m_m_t = tf.zeros((self.input_dim, self.input_dim), tf.float32)
         m_t_m = tf.zeros((self.output_dim, self.output_dim), tf.float32)
-        trace = tf.constant(0.0)
         for probe in range(len(output_gradients[0])):
             gradients = tf.concat([self._per_example_rows(tf.reshape(
                 _float32(call[probe]), (tf.shape(call[probe])[0], -1, self.output_dim)),
                 examples) for call in output_gradients], axis=1)
             products = (_products_through_gram if use_gram
                         else _products_through_matrices)(rows, gradients)
-            m_m_t, m_t_m, trace = (total + part for total, part in
-                                   zip((m_m_t, m_t_m, trace), products, strict=True))
-        root_trace = tf.sqrt(tf.maximum(trace / count, _TINY))
-        return [m_m_t / (count * root_trace), m_t_m / (count * root_trace), tf.constant(1.0)]
+            m_m_t, m_t_m = m_m_t + products[0], m_t_m + products[1]
+        return [m_m_t / count, m_t_m / count, tf.constant(1.0)]
 
     #: Force the per-example products through ``M_n`` (False) or the Gram matrices (True);
     #: None: Gram for layers with one position per call (tests set it to compare the two).
@@ -485,16 +486,29 @@ class KroneckerFactoredBlock(CurvatureBlock):
         return a
 
     # -- inverse ---------------------------------------------------------------
+    def kronecker_factors(self, statistics=None, correction=1.0) -> tuple:
+        """``(A, G, R)`` with ``F_layer ~= R (A kron G)``, from the running statistics (times
+        the EMA bias ``correction``) or from one batch's ``statistics``. For
+        ``approximation="per_example"`` the stored moments are normalised here:
+        ``A = S_A / sqrt(tau)``, ``G = S_G / sqrt(tau)`` with ``tau = tr S_A = tr S_G``."""
+        a, g, positions = statistics if statistics is not None else self.running_statistics
+        a, g = a * correction, g * correction
+        if self.approximation == "per_example":
+            root = tf.sqrt(tf.maximum(tf.linalg.trace(a), _TINY))
+            a, g = a / root, g / root
+        return a, g, positions
+
     def update_inverse(self, damping, correction) -> tf.Tensor:
         if self.inverse_method == "cholesky":
             return self._update_cholesky_inverses(damping, correction)
-        a_values, a_vectors, a_ok, a_fell_back = symmetric_eigh(self.a_factor * correction)
-        g_values, g_vectors, g_ok, g_fell_back = symmetric_eigh(self.g_factor * correction)
+        a_factor, g_factor, _ = self.kronecker_factors(correction=correction)
+        a_values, a_vectors, a_ok, a_fell_back = symmetric_eigh(a_factor)
+        g_values, g_vectors, g_ok, g_fell_back = symmetric_eigh(g_factor)
         ok = tf.logical_and(a_ok, g_ok)
         self.decomposition_fallbacks.assign_add(
             tf.cast(a_fell_back, tf.int64) + tf.cast(g_fell_back, tf.int64))
         if self.damping_mode == "pi":
-            pi = pi_split(self.a_factor, self.g_factor)
+            pi = pi_split(a_factor, g_factor)
             root = tf.sqrt(damping / self.positions)
             a_inverse = tf.matmul(a_vectors / (a_values + pi * root), a_vectors, transpose_b=True)
             g_inverse = tf.matmul(g_vectors / (g_values + root / pi), g_vectors, transpose_b=True)
@@ -509,7 +523,7 @@ class KroneckerFactoredBlock(CurvatureBlock):
         return self._assign_if(ok, new_state)
 
     def _update_cholesky_inverses(self, damping, correction) -> tf.Tensor:
-        a_factor, g_factor = self.a_factor * correction, self.g_factor * correction
+        a_factor, g_factor, _ = self.kronecker_factors(correction=correction)
         pi = pi_split(a_factor, g_factor)
         root = tf.sqrt(damping / self.positions)
         a_inverse, a_ok = damped_cholesky_inverse(a_factor, pi * root)
@@ -542,7 +556,7 @@ class KroneckerFactoredBlock(CurvatureBlock):
         return [kernel, matrix[self.kernel_rows]]
 
     def curvature_along(self, statistics, gradients) -> tf.Tensor:
-        a_factor, g_factor, positions = statistics
+        a_factor, g_factor, positions = self.kronecker_factors(statistics)
         direction = self._gradient_matrix(gradients)
         return positions * tf.reduce_sum((a_factor @ direction @ g_factor) * direction)
 
