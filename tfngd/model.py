@@ -34,7 +34,7 @@ import math
 import keras
 import tensorflow as tf
 
-from tfngd import likelihood, samplers
+from tfngd import distribute, likelihood, samplers
 from tfngd.gaussian_diffusion import GaussianDiffusion
 from tfngd.optimizers.training import ForwardPass, gradients_and_curvature, kfac_of
 from tfngd.timestep_sampling import make_timestep_sampler
@@ -312,12 +312,18 @@ class DiffusionModel(keras.Model):
         x0, label, _, _ = self._unpack(data)
         x0 = tf.cast(x0, tf.float32)
         batch = tf.shape(x0)[0]
-        t, importance_weights = self.timestep_sampler.sample(batch, self._step_seed(_STREAM_T))
-        noise = tf.random.stateless_normal(tf.shape(x0), seed=self._step_seed(_STREAM_NOISE))
+        # Draws for the whole global batch, this replica's rows (tfngd.distribute).
+        t, importance_weights = distribute.rows_of_global_batch(
+            lambda rows: self.timestep_sampler.sample(rows, self._step_seed(_STREAM_T)), batch)
+        noise = distribute.rows_of_global_batch(
+            lambda rows: tf.random.stateless_normal(tf.concat([[rows], tf.shape(x0)[1:]], 0),
+                                                    seed=self._step_seed(_STREAM_NOISE)), batch)
         if self.num_classes is not None and label is None:
             raise ValueError("this model is class-conditional: batches must carry a label")
         if self.num_classes is not None and self.class_dropout > 0:
-            drop = tf.random.stateless_uniform([batch], seed=self._step_seed(_STREAM_LABEL_DROP))
+            drop = distribute.rows_of_global_batch(
+                lambda rows: tf.random.stateless_uniform(
+                    [rows], seed=self._step_seed(_STREAM_LABEL_DROP)), batch)
             label = tf.where(drop < self.class_dropout, self.null_label, tf.cast(label, tf.int32))
 
         variables = self.denoiser.trainable_variables
@@ -326,13 +332,18 @@ class DiffusionModel(keras.Model):
             lambda: self.denoising_loss(self.denoiser, x0, t, noise, label, importance_weights,
                                         training=True))
         objective, per_example = result.loss, result.extras["per_example"]
-        self.optimizer.apply(gradients, variables)
-        self.update_ema()
-        self.timestep_sampler.update(t, per_example)
+        gradients = distribute.apply_gradients(self.optimizer, gradients, variables)
+        distribute.run_once(self._after_update, *distribute.all_gather_rows((t, per_example)))
 
         self._update_loss_metrics(objective, result.extras, t, batch)
         self.grad_norm_tracker.update_state(tf.linalg.global_norm(gradients))
         return {m.name: m.result() for m in self.metrics}
+
+    def _after_update(self, t, per_example):
+        """The state updated once per step from the global batch: EMA, timestep sampler."""
+        self.update_ema()
+        self.timestep_sampler.update(t, per_example)
+        return tf.constant(True)
 
     def test_step(self, data):
         x0, label, t, noise = self._unpack(data)

@@ -138,7 +138,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfngd import data as data_lib
-from tfngd import samplers, schedules
+from tfngd import distribute, samplers, schedules
 from tfngd.gaussian_diffusion import (
     GaussianDiffusion,
     learned_range_log_variance,
@@ -690,23 +690,35 @@ class NeuralDiffusionModel(keras.Model):
     def train_step(self, data):
         x, _, _, _ = self._unpack(data)
         batch = tf.shape(x)[0]
-        step, importance_weights = self.timestep_sampler.sample(batch,
-                                                                self._step_seed(_STREAM_T))
+
+        def draws(rows):  # for the whole global batch (tfngd.distribute)
+            step, weights = self.timestep_sampler.sample(rows, self._step_seed(_STREAM_T))
+            shape = tf.concat([[rows], tf.shape(x)[1:]], 0)
+            return (step, weights,
+                    tf.random.stateless_normal(shape, seed=self._step_seed(_STREAM_NOISE)),
+                    tf.random.stateless_normal(shape,
+                                               seed=self._step_seed(_STREAM_DECODER_NOISE)))
+
+        step, importance_weights, noise, decoder_noise = distribute.rows_of_global_batch(
+            draws, batch)
         t = step + 1
-        noise = tf.random.stateless_normal(tf.shape(x), seed=self._step_seed(_STREAM_NOISE))
-        decoder_noise = tf.random.stateless_normal(tf.shape(x),
-                                                   seed=self._step_seed(_STREAM_DECODER_NOISE))
         variables = self._trained_variables()
         gradients, result = gradients_and_curvature(
             self.optimizer, variables,
             lambda: self.training_objective(x, t, noise, decoder_noise, importance_weights))
-        self.optimizer.apply(gradients, variables)
-        self.update_ema()
+        gradients = distribute.apply_gradients(self.optimizer, gradients, variables)
         terms = result.extras["terms"]
-        self.timestep_sampler.update(step, terms.timestep_kl)
+        distribute.run_once(self._after_update,
+                            *distribute.all_gather_rows((step, terms.timestep_kl)))
         self._update_term_metrics(result.loss, terms, batch)
         self.grad_norm_tracker.update_state(tf.linalg.global_norm(gradients))
         return {m.name: m.result() for m in self.metrics}
+
+    def _after_update(self, step, timestep_kl):
+        """The state updated once per step from the global batch: EMA, timestep sampler."""
+        self.update_ema()
+        self.timestep_sampler.update(step, timestep_kl)
+        return tf.constant(True)
 
     def test_step(self, data):
         x, t, noise, decoder_noise = self._unpack(data)

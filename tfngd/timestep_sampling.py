@@ -29,6 +29,9 @@ class UniformTimestepSampler(keras.layers.Layer):
     def __init__(self, num_timesteps: int, **kwargs):
         super().__init__(**kwargs)
         self.num_timesteps = int(num_timesteps)
+        # Never called, so nothing would build it: built from the start (a model under a
+        # tf.distribute strategy is built symbolically by fit unless every layer is built).
+        self.built = True
 
     def probabilities(self) -> tf.Tensor:
         return tf.fill([self.num_timesteps], 1.0 / self.num_timesteps)

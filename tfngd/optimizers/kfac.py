@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
+from tfngd import distribute
 from tfngd.optimizers.capture import capture_layer_calls, find_registrable_layers
 from tfngd.optimizers.curvature_blocks import block_type_for, validate_modes
 
@@ -75,10 +76,9 @@ def portable_normal(shape, seed) -> tf.Tensor:
     return tf.sqrt(-2.0 * tf.math.log(u[0])) * tf.cos(2.0 * math.pi * u[1])
 
 
-def portable_categorical(logits, seed) -> tf.Tensor:
-    """One class index per row of ``logits`` (Gumbel-max on :func:`portable_uniform`)."""
-    gumbel = -tf.math.log(-tf.math.log(portable_uniform(tf.shape(logits), seed)))
-    return tf.argmax(logits + gumbel, axis=-1)
+def gumbel_noise(shape, seed) -> tf.Tensor:
+    """Standard Gumbel draws ``-log(-log u)`` on :func:`portable_uniform`."""
+    return -tf.math.log(-tf.math.log(portable_uniform(shape, seed)))
 
 
 def default_per_example_scale(outputs, likelihood: str) -> tf.Tensor:
@@ -212,7 +212,11 @@ class KFAC(keras.optimizers.Optimizer):
         preconditioning; weight decay is decoupled, ``W -= eta * wd * W``).
         ``gradient_accumulation_steps`` is not supported.
 
-    Single device only: statistics are not all-reduced across replicas.
+    Data parallel (``tf.distribute.MirroredStrategy``, ``MultiWorkerMirroredStrategy``):
+    each replica's statistics of its own examples are averaged over the replicas
+    before they enter the factors, and the inverses and the update are computed once
+    and written to every replica, so all replicas hold the same state
+    (:mod:`tfngd.distribute`; ``statistics_examples`` counts per replica).
     """
 
     def __init__(
@@ -342,8 +346,6 @@ class KFAC(keras.optimizers.Optimizer):
         if self.built:
             return
         registration = self._require_registration()
-        if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
-            raise NotImplementedError("KFAC runs on a single device (no cross-replica statistics)")
         var_keys = {self._var_key(v) for v in var_list}
         for layer in registration.resolve_layers():
             block = block_type_for(layer)(layer, self.damping_mode, self.inverse_method,
@@ -422,7 +424,11 @@ class KFAC(keras.optimizers.Optimizer):
                     probes.append(tf.sqrt(2.0 * scale) * tf.ones_like(outputs32) * unit)
             else:
                 for probe in range(self.mc_samples):
-                    z = portable_normal(shape, self._step_seed(probe))
+                    # Drawn for the global batch, this replica's rows (tfngd.distribute).
+                    z = distribute.rows_of_global_batch(
+                        lambda rows, probe=probe: portable_normal(
+                            tf.concat([[rows], shape[1:]], 0), self._step_seed(probe)),
+                        shape[0])
                     probes.append(tf.sqrt(2.0 * scale / self.mc_samples) * z)
         else:
             classes = example_dims[-1]
@@ -434,7 +440,12 @@ class KFAC(keras.optimizers.Optimizer):
             else:
                 flat_logits = tf.reshape(outputs32, (-1, classes))
                 for probe in range(self.mc_samples):
-                    sampled = portable_categorical(flat_logits, self._step_seed(probe))
+                    # Gumbel noise for the global batch's positions, this replica's rows.
+                    gumbel = distribute.rows_of_global_batch(
+                        lambda rows, probe=probe: gumbel_noise(
+                            tf.stack([rows, classes]), self._step_seed(probe)),
+                        tf.shape(flat_logits)[0])
+                    sampled = tf.argmax(flat_logits + gumbel, axis=-1)
                     onehot = tf.reshape(tf.one_hot(sampled, classes), shape)
                     probes.append(tf.sqrt(scale / self.mc_samples) * (probabilities - onehot))
         return [tf.cast(v, outputs.dtype) for v in probes]
@@ -460,9 +471,7 @@ class KFAC(keras.optimizers.Optimizer):
         """
         registration = self._require_registration()
 
-        def collect():
-            statistics = self.batch_statistics(tape, captured, outputs, likelihood,
-                                               per_example_scale, loss)
+        def record(statistics):
             finite = _all_finite([s for stats in statistics if stats for s in stats])
 
             def accumulate():
@@ -475,6 +484,14 @@ class KFAC(keras.optimizers.Optimizer):
             _run_if(finite, accumulate)
             self._curvature_finite.assign(
                 tf.minimum(self._curvature_finite, tf.cast(finite, tf.int32)))
+            return tf.constant(True)
+
+        def collect():
+            # Several replicas: each one's statistics of its own examples, averaged, then
+            # folded into the factors once (tfngd.distribute).
+            statistics = distribute.all_reduce_mean(self.batch_statistics(
+                tape, captured, outputs, likelihood, per_example_scale, loss))
+            distribute.run_once(record, statistics)
 
         if not self.built:
             self.build(registration.trainable_variables())
@@ -584,8 +601,20 @@ class KFAC(keras.optimizers.Optimizer):
         """Refresh the inverses when due, then precondition, clip, momentum and update.
 
         All or nothing: non-finite statistics or gradients, or a failed
-        decomposition, skip the whole step (and count it).
+        decomposition, skip the whole step (and count it). On several replicas the
+        gradients are summed over them (as every Keras optimizer does) and the update
+        is computed once and written to every replica (:func:`tfngd.distribute.run_once`).
         """
+        if distribute.replicated():
+            reduced = self._all_reduce_sum_gradients(
+                list(zip(grads, trainable_variables, strict=True)))
+            distribute.run_once(
+                lambda grads, rate: self._update_all(grads, trainable_variables, rate),
+                [g for g, _ in reduced], learning_rate)
+            return
+        self._update_all(grads, trainable_variables, learning_rate)
+
+    def _update_all(self, grads, trainable_variables, learning_rate):
         learning_rate = tf.cast(learning_rate, tf.float32)
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         block_grads, fallback = self._route_gradients(grads, trainable_variables)
@@ -611,6 +640,7 @@ class KFAC(keras.optimizers.Optimizer):
 
         tf.cond(tf.logical_and(finite, inverses_ok), update, skip)
         self._curvature_finite.assign(1)
+        return tf.constant(True)
 
     def _route_gradients(self, grads, trainable_variables):
         """Per block, its variables' gradients (None: the block got none); and the

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from tfngd import distribute
 from tfngd.optimizers.kfac import KFAC
 
 _GAUSSIAN_LOSS_NAMES = ("mse", "mean_squared_error", "MeanSquaredError")
@@ -154,8 +155,10 @@ class NaturalGradientModel(keras.Model):
 
         def forward():
             y_pred = self(x, training=True)
+            # Keras divides the loss by the number of replicas (its optimizers sum the
+            # replicas' gradients); tfngd.distribute averages them: undo the division.
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                     training=True)
+                                     training=True) * distribute.replicas()
             if optimizer.fisher == "empirical":
                 return ForwardPass(loss, y_pred)
             likelihood = likelihood_of_loss(self.loss)
@@ -164,7 +167,7 @@ class NaturalGradientModel(keras.Model):
 
         variables = self.trainable_variables
         gradients, result = gradients_and_curvature(self.optimizer, variables, forward)
-        self.optimizer.apply(gradients, variables)
+        distribute.apply_gradients(self.optimizer, gradients, variables)
         y_pred = result.outputs
         for metric in self.metrics:
             if metric.name == "loss":

@@ -1,0 +1,170 @@
+"""Data parallelism with ``tf.distribute`` for the project's own train steps.
+
+Under ``tf.distribute.MirroredStrategy`` (the GPUs of one machine) or
+``MultiWorkerMirroredStrategy`` (several machines), Keras' ``fit`` runs each
+model's ``train_step`` once per replica, on that replica's slice of the global
+batch. The train steps of :class:`tfngd.model.DiffusionModel`,
+:class:`tfngd.ndm.NeuralDiffusionModel`, :class:`tfngd.sde.ScoreSDEModel` and
+:class:`tfngd.optimizers.NaturalGradientModel` use this module so that a run on
+``R`` replicas does what one device does with the same global batches:
+
+* **Random draws** (timesteps, noise, label dropout, K-FAC's probes) are made
+  for the whole global batch from the step's stateless seed, and each replica
+  keeps its rows (:func:`rows_of_global_batch`): the draws of a row do not
+  depend on the number of replicas.
+* **Gradients** are averaged over the replicas before anything reads them
+  (:func:`apply_gradients`): the gradient-norm metric and Keras' clipping
+  (``global_clipnorm``, ``clipnorm``, ``clipvalue``) see the global gradient.
+  (Keras 3 itself clips each replica's partial gradient before its all-reduce,
+  which is not what one device does.)
+* **K-FAC's curvature statistics** are computed on each replica's examples
+  and averaged over the replicas (:func:`all_reduce_mean`) before they are
+  folded into the factors; the factors, inverses and the update are computed
+  once and written to every replica (:func:`run_once`), so every replica
+  holds the same state and applies the same update.
+* **State that is not the optimizer's** (EMA weights, the timestep sampler's
+  loss history) is updated once from the global values (:func:`run_once`,
+  :func:`all_gather_rows`).
+
+Every helper is the identity on one device (no strategy, or one replica).
+The replicas' batches must have equal sizes (:func:`check_global_batch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+
+def replicas() -> int:
+    """Replicas in sync under the current strategy (1 without one)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _replica_context():
+    """The replica context when several replicas run in sync; None otherwise (one
+    device, or cross-replica code)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def replicated() -> bool:
+    """Whether this code runs in one of several replicas (replica context)."""
+    return _replica_context() is not None
+
+
+def check_global_batch(batch_size: int, option: str = "batch_size") -> None:
+    """Raise ``ValueError`` unless ``batch_size`` splits evenly over the replicas."""
+    count = replicas()
+    if batch_size % count:
+        raise ValueError(f"{option}={batch_size} must be a multiple of the {count} replicas "
+                         "(every replica trains on an equal slice of the global batch)")
+
+
+def rows_of_global_batch(draw: Callable, local_batch):
+    """``draw(rows)`` for this replica's rows of the global batch.
+
+    ``draw(n)`` makes the draws of ``n`` rows (a tensor or a nest of tensors,
+    rows first) from a seed that is the same on every replica. On one device it
+    is ``draw(local_batch)``; on ``R`` replicas, ``draw(R * local_batch)`` sliced
+    to rows ``[r * local_batch, (r + 1) * local_batch)`` of replica ``r``, the rows
+    Keras' distributed dataset gives that replica.
+    """
+    context = _replica_context()
+    if context is None:
+        return draw(local_batch)
+    drawn = draw(local_batch * context.num_replicas_in_sync)
+    start = tf.cast(context.replica_id_in_sync_group, tf.int32) * tf.cast(local_batch,
+                                                                          tf.int32)
+    return tf.nest.map_structure(lambda values: values[start:start + local_batch], drawn)
+
+
+def all_reduce_mean(values):
+    """The mean over the replicas of a nest of tensors (``None`` leaves kept)."""
+    context = _replica_context()
+    if context is None:
+        return values
+    flat = tf.nest.flatten(values)
+    present = [value for value in flat if value is not None]
+    reduced = iter(context.all_reduce(tf.distribute.ReduceOp.MEAN, present) if present else [])
+    return tf.nest.pack_sequence_as(values, [None if value is None else next(reduced)
+                                             for value in flat])
+
+
+def all_gather_rows(values):
+    """A nest of ``[n, ...]`` tensors concatenated over the replicas, in replica order
+    (the rows of the global batch)."""
+    context = _replica_context()
+    if context is None:
+        return values
+    return tf.nest.map_structure(lambda value: context.all_gather(value, axis=0), values)
+
+
+def run_once(function: Callable, *args):
+    """``function(*args)`` run once for all replicas, its variable writes reaching every
+    replica.
+
+    On one device it is a plain call. On several replicas it runs in a
+    ``merge_call`` (cross-replica context, where assigning a mirrored variable
+    writes every copy) with ``args`` taken from the first replica: they must be
+    the same on every replica (all-reduced or all-gathered values). Returns
+    ``function``'s result.
+    """
+    context = _replica_context()
+    if context is None:
+        return function(*args)
+
+    def merged(strategy, *per_replica):
+        def first(value):
+            if value is None:
+                return None
+            return strategy.experimental_local_results(value)[0]
+
+        return function(*tf.nest.map_structure(first, per_replica))
+
+    return context.merge_call(merged, args=args)
+
+
+def clip_like(optimizer, gradients: list) -> list:
+    """``gradients`` clipped as the Keras ``optimizer`` is configured to clip
+    (``clipnorm`` per variable, ``clipvalue`` element-wise, ``global_clipnorm``)."""
+    if optimizer.clipnorm is not None:
+        gradients = [None if g is None else tf.clip_by_norm(g, optimizer.clipnorm)
+                     for g in gradients]
+    if optimizer.clipvalue is not None:
+        gradients = [None if g is None else tf.clip_by_value(g, -optimizer.clipvalue,
+                                                              optimizer.clipvalue)
+                     for g in gradients]
+    if optimizer.global_clipnorm is not None:
+        present = [g for g in gradients if g is not None]
+        clipped = iter(tf.clip_by_global_norm(present, optimizer.global_clipnorm)[0])
+        gradients = [None if g is None else next(clipped) for g in gradients]
+    return gradients
+
+
+def apply_gradients(optimizer, gradients: list, variables: list) -> list:
+    """``optimizer.apply`` of the replicas' mean gradient; returns that mean gradient.
+
+    ``gradients`` are this replica's gradients of its own mean loss. On one
+    device this is ``optimizer.apply(gradients, variables)``. On ``R`` replicas
+    the gradients are averaged, clipped like the optimizer clips (on the global
+    gradient), and handed to the optimizer divided by ``R``: Keras' optimizers sum
+    the replicas' gradients (and re-clipping an already clipped, ``R`` times
+    smaller gradient changes nothing), so the update uses exactly the clipped mean.
+    """
+    context = _replica_context()
+    if context is None:
+        optimizer.apply(gradients, variables)
+        return gradients
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        raise NotImplementedError("loss scaling (mixed_float16) is not supported on several "
+                                  "replicas; use the mixed_bfloat16 policy, which needs none")
+    mean = all_reduce_mean(gradients)
+    share = 1.0 / context.num_replicas_in_sync
+    optimizer.apply([None if g is None else g * share for g in clip_like(optimizer, mean)],
+                    variables)
+    return mean
