@@ -41,8 +41,10 @@ COMMON = dict(hidden_units=16, num_blocks=1, base_channels=8, groups=4, channel_
 CASES = {
     "kfac_mlp": dict(dataset="checkerboard", optimizer="kfac"),
     "adam_mlp": dict(dataset="checkerboard", optimizer="adam"),
+    # The main job's statistics schedule (every 10 steps, and every step of the inverse
+    # warm-up: the statistics run inside a tf.cond), factors from 8 examples per replica.
     "kfac_unet": dict(dataset="digits", optimizer="kfac", attention_resolutions=(4,),
-                      timestep_sampler="uniform"),
+                      timestep_sampler="uniform", statistics_every=10),
     "kfac_ndm": dict(dataset="checkerboard", optimizer="kfac", model="ndm",
                      prediction_type="x0", num_timesteps=20, sample_steps=20),
 }

@@ -11,6 +11,7 @@ checkpoint's ``config.json`` always rebuilds the same model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,8 +20,8 @@ import os
 import keras
 
 from tfngd import data as data_lib
+from tfngd import distribute, schedules, sde, timestep_sampling
 from tfngd import gaussian_diffusion as gd
-from tfngd import schedules, sde, timestep_sampling
 from tfngd.model import DiffusionModel
 from tfngd.ndm import REVERSE_PARAMETERISATIONS, NeuralDiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
@@ -33,6 +34,12 @@ DEFAULT_LEARNING_RATES = {"adam": 2e-3, "adamw": 2e-3, "sgd": 5e-2, "kfac": 0.1}
 # What is trained: a discrete-time DDPM (tfngd.model), a continuous-time score model on an SDE
 # (tfngd.sde), or a Neural Diffusion Model with a learned forward transform (tfngd.ndm).
 MODELS = ("ddpm", "score_sde", "ndm")
+# Keras dtype policies a run may use (mixed_bfloat16: bfloat16 compute, float32 variables;
+# the networks' outputs and K-FAC's curvature stay float32).
+PRECISIONS = ("float32", "mixed_bfloat16")
+# Options that say how a run is executed, not what it computes: a run may resume under
+# other values (another number of GPUs).
+RUNTIME_OPTIONS = ("strategy",)
 # The samplers of each kind of model; the first is what sampler="auto" picks.
 MODEL_SAMPLERS = {"ddpm": ("ddim", "ddpm"), "score_sde": sde.SDE_SAMPLERS, "ndm": ("ddpm",)}
 SAMPLER_CHOICES = ("auto", *dict.fromkeys(s for kinds in MODEL_SAMPLERS.values() for s in kinds))
@@ -92,6 +99,8 @@ class TrainConfig:
     steps_per_epoch: int = 100
     ema_decay: float = 0.995
     jit_compile: bool = False
+    precision: str = "float32"
+    strategy: str = "none"
     seed: int = 0
     # sampling
     sampler: str = "auto"
@@ -192,6 +201,8 @@ class TrainConfig:
                 f"steps (epochs * steps_per_epoch = {self.total_steps})"
             )
         real("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        choice("precision", self.precision, PRECISIONS)
+        choice("strategy", self.strategy, distribute.STRATEGIES)
         integer("seed", self.seed, 0, 2**31 - 1)
         self._validate_model_kind(choice)
         integer("sample_steps", self.sample_steps, 1, self.num_timesteps)
@@ -371,8 +382,23 @@ def build_model(config: TrainConfig, data_shape: tuple,
     The initial weights are a function of ``config.seed`` (Keras' global
     seed is set from it before the layers are built).
     """
+    with dtype_policy(config.precision):
+        return _build_model(config, tuple(data_shape), num_classes)
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Keras' global dtype policy set to ``name`` while building a model, then restored."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _build_model(config: TrainConfig, data_shape: tuple, num_classes: int | None):
     keras.utils.set_random_seed(config.seed)
-    data_shape = tuple(data_shape)
     if config.model == "score_sde":
         diffusion = build_diffusion(config)
         return sde.ScoreSDEModel(
@@ -491,7 +517,12 @@ OPTION_HELP = {
     "epochs": "training epochs",
     "steps_per_epoch": "optimizer steps per epoch (checkpoint and log interval)",
     "ema_decay": "decay of the EMA weights used for sampling and evaluation",
-    "jit_compile": "compile the train step with XLA",
+    "jit_compile": "compile the train step with XLA (on several replicas: each replica's "
+    "forward and backward pass; alias --jit)",
+    "precision": "Keras dtype policy: " + ", ".join(PRECISIONS) + " (bfloat16 compute, "
+    "float32 variables, outputs and K-FAC curvature)",
+    "strategy": "tf.distribute strategy: none (one device), mirrored (every GPU of this "
+    "machine; with --cpu-devices N, N logical CPUs), multi_worker (the machines of TF_CONFIG)",
     "seed": "seed of initialisation, data order, timesteps and noise",
     "model": "what is trained: " + ", ".join(MODELS) + " (discrete-time DDPM; continuous-time "
     "score model on an SDE; Neural Diffusion Model with a learned forward transform, needs "

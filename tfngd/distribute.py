@@ -36,6 +36,57 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+STRATEGIES = ("none", "mirrored", "multi_worker")
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The strategy a run's ``strategy`` option names.
+
+    ``"none"``: the default (one device); ``"mirrored"``:
+    ``MirroredStrategy`` over every GPU of this machine, or, without GPUs, every
+    logical CPU device (:func:`split_cpu`); ``"multi_worker"``:
+    ``MultiWorkerMirroredStrategy`` over the cluster that ``TF_CONFIG`` describes
+    (every worker runs the same command with its own ``TF_CONFIG``).
+    """
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        if tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.MirroredStrategy(
+            [device.name for device in tf.config.list_logical_devices("CPU")])
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"strategy={name!r} is not valid; choose one of: {', '.join(STRATEGIES)}")
+
+
+def split_cpu(devices: int) -> None:
+    """Split the CPU into ``devices`` logical devices (data parallelism without GPUs: tests
+    and overhead measurements). Must run before TensorFlow initialises its devices."""
+    if devices < 1:
+        raise ValueError(f"cpu devices must be >= 1, got {devices}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+    except RuntimeError as err:
+        raise RuntimeError("split_cpu must run before TensorFlow initialises its devices "
+                           "(before any op or model is created)") from err
+
+
+def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
+    """Whether this process writes checkpoints, logs and exports: always, except for
+    the non-chief workers of a multi-worker cluster (worker 0 is the chief when the
+    cluster names none)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return not has_chief and resolver.task_type == "worker" and resolver.task_id == 0
+
 
 def replicas() -> int:
     """Replicas in sync under the current strategy (1 without one)."""

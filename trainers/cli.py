@@ -31,6 +31,10 @@ def _parse_int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip())
 
 
+# Short spellings of some options.
+FLAG_ALIASES = {"jit_compile": ("--jit",)}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """One ``--option`` per TrainConfig field, typed from the field's annotation."""
     hints = typing.get_type_hints(TrainConfig)
@@ -38,22 +42,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         hint = hints[field.name]
         default = getattr(defaults, field.name)
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-"), *FLAG_ALIASES.get(field.name, ())]
         help_text = f"{OPTION_HELP[field.name]} (default: {_show(default)})"
         if hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                               help=help_text)
+            kind = {"action": argparse.BooleanOptionalAction}
         elif hint == tuple[int, ...]:
-            group.add_argument(flag, type=_parse_int_tuple, default=default, metavar="N,N",
-                               help=help_text)
+            kind = {"type": _parse_int_tuple, "metavar": "N,N"}
         elif hint == (float | None):
-            group.add_argument(flag, type=_parse_optional_float, default=default, help=help_text)
+            kind = {"type": _parse_optional_float}
         elif hint == (int | None):
-            group.add_argument(flag, type=_parse_optional_int, default=default, help=help_text)
+            kind = {"type": _parse_optional_int}
         elif hint == (str | None):
-            group.add_argument(flag, type=str, default=default, help=help_text)
+            kind = {"type": str}
         else:
-            group.add_argument(flag, type=hint, default=default, help=help_text)
+            kind = {"type": hint}
+        group.add_argument(*flags, dest=field.name, default=default, help=help_text, **kind)
 
 
 def _show(value) -> str:

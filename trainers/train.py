@@ -14,9 +14,15 @@ import os
 import sys
 import time
 
-from tfngd import checkpointing, runs
+from tfngd import checkpointing, distribute, runs
 from tfngd import data as data_lib
-from tfngd.config import ConfigError, TrainConfig, build_model, build_optimizer
+from tfngd.config import (
+    RUNTIME_OPTIONS,
+    ConfigError,
+    TrainConfig,
+    build_model,
+    build_optimizer,
+)
 
 PROGRAM = "tfngd-train"
 
@@ -40,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a sample grid to TensorBoard every N epochs (0: never)")
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                         help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
+    parser.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                        help="split the CPU into N logical devices, so that --strategy "
+                             "mirrored runs N replicas without GPUs (tests, overhead "
+                             "measurements)")
     cli.add_config_arguments(parser, TrainConfig())
     return parser
 
@@ -59,10 +69,10 @@ def prepare(config: TrainConfig, run_dir: str):
         raise ConfigError(f"conditional=True, but data set {config.dataset!r} has no labels")
     existing = os.path.join(run_dir, runs.CONFIG_FILE)
     if os.path.exists(existing):
-        previous = TrainConfig.load(existing)
-        if previous.to_dict() != config.to_dict():
-            changed = sorted(k for k, v in config.to_dict().items()
-                             if previous.to_dict().get(k) != v)
+        before = TrainConfig.load(existing).to_dict()
+        changed = sorted(k for k, v in config.to_dict().items()
+                         if before.get(k) != v and k not in RUNTIME_OPTIONS)
+        if changed:
             raise ConfigError(
                 f"{run_dir} holds a run with a different configuration (changed: "
                 f"{', '.join(changed)}); pass --run-dir to start a new run, or the same options "
@@ -83,10 +93,18 @@ def train(config: TrainConfig, run_dir: str, *, export_root: str | None = "saved
     from tfngd import callbacks, export, images
 
     splits = prepare(config, run_dir)
-    runs.write_run_metadata(run_dir, config, splits.data_shape, splits.num_classes)
-    model = build_model(config, splits.data_shape, splits.num_classes)
-    model.compile(optimizer=build_optimizer(config), jit_compile=config.jit_compile)
-    restored = checkpointing.restore_checkpoint(model, runs.checkpoint_dir(run_dir))
+    strategy = distribute.make_strategy(config.strategy)
+    try:
+        distribute.check_global_batch(config.batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    chief = distribute.is_chief(strategy)
+    if chief:
+        runs.write_run_metadata(run_dir, config, splits.data_shape, splits.num_classes)
+    with strategy.scope():
+        model = build_model(config, splits.data_shape, splits.num_classes)
+        model.compile(optimizer=build_optimizer(config), jit_compile=config.jit_compile)
+        restored = checkpointing.restore_checkpoint(model, runs.checkpoint_dir(run_dir))
     initial_epoch = restored["epoch"] if restored else 0
     start_step = restored["step"] if restored else 0
     if restored:
@@ -103,7 +121,8 @@ def train(config: TrainConfig, run_dir: str, *, export_root: str | None = "saved
         min_timestep=1 if config.model == "ndm" else 0,
     )
     sample_kwargs = config.sample_kwargs()
-    fit_callbacks = [
+    # Only the chief writes (checkpoints, logs, samples, export); every worker trains.
+    fit_callbacks = [] if not chief else [
         checkpointing.CheckpointCallback(runs.checkpoint_dir(run_dir)),
         callbacks.DiffusionTensorBoard(
             runs.log_dir(run_dir), sample_every_epochs=sample_every_epochs,
@@ -124,17 +143,19 @@ def train(config: TrainConfig, run_dir: str, *, export_root: str | None = "saved
         ).history
     train_seconds = time.perf_counter() - started
 
-    samples = model.sample(config.samples_for(splits.data_shape), seed=config.seed,
-                           **sample_kwargs)
-    grid_path = images.save_png(os.path.join(run_dir, "samples.png"),
-                                images.samples_to_image(samples.numpy()))
     summary = {
         "run_dir": run_dir,
-        "samples_png": grid_path,
         "train_seconds": train_seconds,
         "final_val_loss": history.get("val_loss", [None])[-1],
         "steps": int(model.optimizer.iterations.numpy()),
+        "replicas": strategy.num_replicas_in_sync,
     }
+    if not chief:
+        return summary
+    samples = model.sample(config.samples_for(splits.data_shape), seed=config.seed,
+                           **sample_kwargs)
+    summary["samples_png"] = images.save_png(os.path.join(run_dir, "samples.png"),
+                                             images.samples_to_image(samples.numpy()))
     if export_root is not None and config.model != "ddpm":
         summary["saved_model"] = (f"not exported: the SavedModel sampler serves model='ddpm' "
                                   f"runs, this is model={config.model!r}")
@@ -152,6 +173,11 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     config = cli.config_from_args(args)
+    if args.cpu_devices is not None:
+        try:
+            distribute.split_cpu(args.cpu_devices)
+        except (ValueError, RuntimeError) as err:
+            return cli.fail(PROGRAM, f"--cpu-devices: {err}")
     run_dir = args.run_dir or os.path.join("runs", config.dataset)
     if args.sample_every_epochs < 0:
         return cli.fail(PROGRAM, "--sample-every-epochs must be >= 0")

@@ -229,6 +229,9 @@ class CurvatureBlock:
 
     # -- interface -----------------------------------------------------------
     def create_state(self, optimizer) -> None:
+        """Create the block's optimizer variables: running statistics with
+        ``optimizer.add_statistics_variable`` (replica-local), caches with
+        ``optimizer.add_variable``."""
         raise NotImplementedError
 
     def batch_statistics(self, inputs: Sequence, output_gradients: Sequence[Sequence],
@@ -352,10 +355,14 @@ class KroneckerFactoredBlock(CurvatureBlock):
             return optimizer.add_variable(shape, initializer=initializer, dtype="float32",
                                           name=_state_name(self.layer, suffix))
 
+        def statistic(shape, suffix, initializer="zeros"):
+            return optimizer.add_statistics_variable(shape, initializer=initializer,
+                                                     name=_state_name(self.layer, suffix))
+
         d_a, d_g = self.input_dim, self.output_dim
-        self.a_factor = add((d_a, d_a), "A")
-        self.g_factor = add((d_g, d_g), "G")
-        self.positions = add((), "positions", "ones")
+        self.a_factor = statistic((d_a, d_a), "A")
+        self.g_factor = statistic((d_g, d_g), "G")
+        self.positions = statistic((), "positions", "ones")
         if self.damping_mode == "pi":
             self.a_inverse = add((d_a, d_a), "A_inverse")
             self.g_inverse = add((d_g, d_g), "G_inverse")
@@ -652,8 +659,8 @@ class GroupNormBlock(CurvatureBlock):
 
     def create_state(self, optimizer) -> None:
         self.fisher_diagonals = [
-            optimizer.add_variable((self.channels,), dtype="float32",
-                                   name=_state_name(self.layer, f"{v.name}_fisher"))
+            optimizer.add_statistics_variable((self.channels,),
+                                              name=_state_name(self.layer, f"{v.name}_fisher"))
             for v in self.variables
         ]
         self.spectrum = optimizer.add_variable((2,), dtype="float32",

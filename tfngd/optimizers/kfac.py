@@ -213,10 +213,11 @@ class KFAC(keras.optimizers.Optimizer):
         ``gradient_accumulation_steps`` is not supported.
 
     Data parallel (``tf.distribute.MirroredStrategy``, ``MultiWorkerMirroredStrategy``):
-    each replica's statistics of its own examples are averaged over the replicas
-    before they enter the factors, and the inverses and the update are computed once
-    and written to every replica, so all replicas hold the same state
-    (:mod:`tfngd.distribute`; ``statistics_examples`` counts per replica).
+    each replica folds the statistics of its own examples into its own copy of the
+    running statistics (:meth:`add_statistics_variable`); the inverse refresh reads
+    their mean over the replicas, and the inverses and the update are computed once and
+    written to every replica, so all replicas hold the same state and apply the same
+    update (:mod:`tfngd.distribute`; ``statistics_examples`` counts per replica).
     """
 
     def __init__(
@@ -361,8 +362,10 @@ class KFAC(keras.optimizers.Optimizer):
             return self.add_variable((), initializer=initializer, dtype=dtype, name=name)
 
         self.damping = scalar("damping", keras.initializers.Constant(self.initial_damping))
-        self._statistics_weight = scalar("statistics_weight")
-        self._curvature_finite = scalar("curvature_finite", "ones", "int32")
+        self._statistics_weight = self.add_statistics_variable((), name="statistics_weight")
+        # > 0 when non-finite statistics were seen since the last update (on any replica).
+        self._nonfinite_statistics = self.add_statistics_variable((),
+                                                                  name="nonfinite_statistics")
         self._skipped_updates = scalar("skipped_updates", dtype="int64")
         self._inverse_refreshes = scalar("inverse_refreshes", dtype="int64")
         self._update_scale = scalar("update_scale", "ones")
@@ -376,6 +379,22 @@ class KFAC(keras.optimizers.Optimizer):
         registration.fallback_keys = [self._var_key(v) for v in fallback]
         self._fallback_moments = self.add_optimizer_variables(
             fallback, ["fallback_momentum", "fallback_velocity"])
+
+    def add_statistics_variable(self, shape, initializer="zeros", dtype="float32",
+                                name=None):
+        """An optimizer variable for running curvature statistics: replica-local
+        (``synchronization="on_read"``, ``aggregation="mean"``). Each replica of a
+        ``tf.distribute`` strategy writes its own copy without communication, and a read
+        outside the replicas (the inverse refresh and update, checkpoints) returns the
+        mean over the copies, which for these linear running averages is the average
+        over every replica's examples. On one device it is an ordinary variable."""
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(initializer=keras.initializers.get(initializer),
+                                      shape=shape, dtype=dtype, trainable=False,
+                                      aggregation="mean", synchronization="on_read",
+                                      name=name)
+        self._track_variable(variable)
+        return variable
 
     @property
     def skipped_updates(self):
@@ -471,7 +490,12 @@ class KFAC(keras.optimizers.Optimizer):
         """
         registration = self._require_registration()
 
-        def record(statistics):
+        def collect():
+            # On several replicas each one folds the statistics of its own examples into
+            # its own copy of the running statistics (replica-local variables, no
+            # communication here); reading them in the update averages the copies.
+            statistics = self.batch_statistics(tape, captured, outputs, likelihood,
+                                               per_example_scale, loss)
             finite = _all_finite([s for stats in statistics if stats for s in stats])
 
             def accumulate():
@@ -482,16 +506,8 @@ class KFAC(keras.optimizers.Optimizer):
                 self._statistics_weight.assign(decay * self._statistics_weight + (1.0 - decay))
 
             _run_if(finite, accumulate)
-            self._curvature_finite.assign(
-                tf.minimum(self._curvature_finite, tf.cast(finite, tf.int32)))
-            return tf.constant(True)
-
-        def collect():
-            # Several replicas: each one's statistics of its own examples, averaged, then
-            # folded into the factors once (tfngd.distribute).
-            statistics = distribute.all_reduce_mean(self.batch_statistics(
-                tape, captured, outputs, likelihood, per_example_scale, loss))
-            distribute.run_once(record, statistics)
+            self._nonfinite_statistics.assign(
+                tf.maximum(self._nonfinite_statistics, 1.0 - tf.cast(finite, tf.float32)))
 
         if not self.built:
             self.build(registration.trainable_variables())
@@ -618,7 +634,7 @@ class KFAC(keras.optimizers.Optimizer):
         learning_rate = tf.cast(learning_rate, tf.float32)
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         block_grads, fallback = self._route_gradients(grads, trainable_variables)
-        finite = tf.logical_and(tf.equal(self._curvature_finite, 1), _all_finite(grads))
+        finite = tf.logical_and(tf.equal(self._nonfinite_statistics, 0.0), _all_finite(grads))
         correction = tf.where(self._statistics_weight > 0,
                               1.0 / tf.maximum(self._statistics_weight, _TINY), 0.0)
         damping = tf.cast(self.damping, tf.float32)
@@ -639,7 +655,7 @@ class KFAC(keras.optimizers.Optimizer):
             return tf.constant(False)
 
         tf.cond(tf.logical_and(finite, inverses_ok), update, skip)
-        self._curvature_finite.assign(1)
+        self._nonfinite_statistics.assign(0.0)
         return tf.constant(True)
 
     def _route_gradients(self, grads, trainable_variables):
