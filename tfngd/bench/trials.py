@@ -97,7 +97,7 @@ class TrialSpec:
 # TrainConfig options added after trials were first recorded, at the value that reproduces
 # what the harness did before they existed (see comparable_identity).
 LATER_OPTIONS = {"kfac_approximation": "expand", "model": "ddpm", "sde": "vp",
-                 "vlb_weight": 0.001}
+                 "vlb_weight": 0.001, "precision": "float32", "strategy": "none"}
 
 
 def comparable_identity(identity: dict) -> str | None:
