@@ -8,13 +8,15 @@ configured before TensorFlow initialises its devices)::
 For each case, the model is trained for a few steps under
 ``tf.distribute.OneDeviceStrategy`` and under ``MirroredStrategy`` over two
 logical CPUs, on the same global batches, and every model weight (EMA copies
-and timestep-sampler state included) and optimizer variable is compared.
+and timestep-sampler state included) and optimizer variable is compared
+(``kfac_unet_xla``: the two replicas with and without XLA).
 Writes ``{case: {"worst": max relative difference, "worst_variable": name,
 "iterations": [single, mirrored], "excluded": [...]}}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -45,6 +47,12 @@ CASES = {
     # warm-up: the statistics run inside a tf.cond), factors from 8 examples per replica.
     "kfac_unet": dict(dataset="digits", optimizer="kfac", attention_resolutions=(4,),
                       timestep_sampler="uniform", statistics_every=10),
+    # XLA on 2 replicas (each compiles its own forward pass, backward pass and K-FAC
+    # statistics) against the same 2 replicas without XLA. (Against one device with XLA
+    # the noise would differ: one device compiles the whole step, draws included, and
+    # XLA's stateless_normal gives other floats than TensorFlow's kernel.)
+    "kfac_unet_xla": dict(dataset="digits", optimizer="kfac", attention_resolutions=(4,),
+                          timestep_sampler="uniform", jit_compile=True),
     "kfac_ndm": dict(dataset="checkerboard", optimizer="kfac", model="ndm",
                      prediction_type="x0", num_timesteps=20, sample_steps=20),
 }
@@ -56,7 +64,7 @@ EXCLUDED = ("attn/key/bias", "attn_key_bias")
 def train(config: TrainConfig, splits, strategy):
     with strategy.scope():
         model = build_model(config, splits.data_shape)
-        model.compile(optimizer=build_optimizer(config))
+        model.compile(optimizer=build_optimizer(config), jit_compile=config.jit_compile)
     batches = data_lib.training_batches(splits.train, config.batch_size, seed=0).take(STEPS)
     model.fit(batches, epochs=1, steps_per_epoch=STEPS, verbose=0)
     return model
@@ -71,8 +79,12 @@ def state(model) -> list:
 def compare(name: str, mirrored_strategy) -> dict:
     config = TrainConfig(**{**COMMON, **CASES[name]}).validate()
     splits = data_lib.load_dataset(config.dataset, seed=0)
-    single = train(config, splits, tf.distribute.OneDeviceStrategy("/cpu:0"))
     mirrored = train(config, splits, mirrored_strategy)
+    if config.jit_compile:
+        single = train(dataclasses.replace(config, jit_compile=False), splits,
+                       mirrored_strategy)
+    else:
+        single = train(config, splits, tf.distribute.OneDeviceStrategy("/cpu:0"))
     worst, worst_variable, excluded = 0.0, None, []
     for (key, a), (_, b) in zip(state(single), state(mirrored), strict=True):
         if any(pattern in key for pattern in EXCLUDED):

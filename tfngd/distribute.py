@@ -179,6 +179,24 @@ def run_once(function: Callable, *args):
     return context.merge_call(merged, args=args)
 
 
+def split_jit_compile(jit_compile) -> tuple:
+    """``(jit_compile for Keras' compile, jit_compile of each replica's step)``.
+
+    On one device Keras compiles the whole train step as asked. On several replicas
+    XLA cannot compile the multi-replica step (on logical CPU devices TensorFlow 2.21
+    refuses it: "Trying to access resource ... located in device CPU:1 from device
+    CPU:0", and the once-only updates of :func:`run_once` are ``merge_call``s, which
+    XLA cannot hold), so Keras gets ``False`` and, for ``jit_compile=True``, each
+    replica compiles its own forward pass, backward pass and K-FAC statistics
+    (everything on its device) with XLA
+    (:func:`tfngd.optimizers.training.gradients_and_curvature`); the all-reduces and
+    the update run uncompiled. ``"auto"`` means no XLA on several replicas.
+    """
+    if replicas() == 1:
+        return jit_compile, False
+    return False, jit_compile is True
+
+
 def clip_like(optimizer, gradients: list) -> list:
     """``gradients`` clipped as the Keras ``optimizer`` is configured to clip
     (``clipnorm`` per variable, ``clipvalue`` element-wise, ``global_clipnorm``)."""

@@ -161,6 +161,7 @@ class DiffusionModel(keras.Model):
         self.class_dropout = float(class_dropout)
         self.evaluate_with_ema = bool(evaluate_with_ema)
         self.seed = int(seed)
+        self._replica_jit_compile = False  # set by compile (tfngd.distribute.split_jit_compile)
         self.vlb_weight = float(vlb_weight)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.quartile_trackers = [keras.metrics.Mean(name=f"loss_q{q + 1}") for q in range(4)]
@@ -188,9 +189,12 @@ class DiffusionModel(keras.Model):
     def call(self, inputs, training=False):
         return self.denoiser(inputs, training=training)
 
-    def compile(self, *args, **kwargs):
-        """Keras ``compile``; a K-FAC optimizer gets the denoiser's layers registered."""
-        super().compile(*args, **kwargs)
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        """Keras ``compile``; a K-FAC optimizer gets the denoiser's layers registered. On several
+        replicas ``jit_compile=True`` compiles each replica's step with XLA
+        (:func:`tfngd.distribute.split_jit_compile`)."""
+        jit_compile, self._replica_jit_compile = distribute.split_jit_compile(jit_compile)
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
         kfac = kfac_of(self.optimizer)
         if kfac is not None and not kfac.is_registered:
             kfac.register(self.denoiser)
@@ -328,9 +332,9 @@ class DiffusionModel(keras.Model):
 
         variables = self.denoiser.trainable_variables
         gradients, result = gradients_and_curvature(
-            self.optimizer, variables,
-            lambda: self.denoising_loss(self.denoiser, x0, t, noise, label, importance_weights,
-                                        training=True))
+            self.optimizer, variables, jit_compile=self._replica_jit_compile,
+            forward=lambda: self.denoising_loss(self.denoiser, x0, t, noise, label,
+                                                importance_weights, training=True))
         objective, per_example = result.loss, result.extras["per_example"]
         gradients = distribute.apply_gradients(self.optimizer, gradients, variables)
         distribute.run_once(self._after_update, *distribute.all_gather_rows((t, per_example)))

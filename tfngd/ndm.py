@@ -129,8 +129,8 @@ terms ``(r_t^2 + ...) (d lv / d v)^2``, which vanish at the optimum (tested).
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import typing
 import warnings
 
 import keras
@@ -190,8 +190,7 @@ def summarize_bound(per_example_nats, dims: int, level: float = 0.95) -> dict:
     }
 
 
-@dataclasses.dataclass
-class BoundTerms:
+class BoundTerms(typing.NamedTuple):
     """One Monte-Carlo estimate of the negative ELBO, per example, in nats.
 
     ``diffusion`` is the unbiased estimate ``(T - 1) w_t L_t`` of the sum of
@@ -346,6 +345,7 @@ class NeuralDiffusionModel(keras.Model):
         self.ema_warmup = bool(ema_warmup)
         self.evaluate_with_ema = bool(evaluate_with_ema)
         self.seed = int(seed)
+        self._replica_jit_compile = False  # set by compile (tfngd.distribute.split_jit_compile)
 
         abar = diffusion.alphas_cumprod
         if self.identity_transform:
@@ -398,9 +398,12 @@ class NeuralDiffusionModel(keras.Model):
         return self._predict_data(self.reverse_network, tf.cast(z_t, tf.float32),
                                   tf.cast(t, tf.int32), training)[0]
 
-    def compile(self, *args, **kwargs):
-        """Keras ``compile``; a K-FAC optimizer gets both networks' layers registered."""
-        super().compile(*args, **kwargs)
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        """Keras ``compile``; a K-FAC optimizer gets both networks' layers registered. On several
+        replicas ``jit_compile=True`` compiles each replica's step with XLA
+        (:func:`tfngd.distribute.split_jit_compile`)."""
+        jit_compile, self._replica_jit_compile = distribute.split_jit_compile(jit_compile)
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
         kfac = kfac_of(self.optimizer)
         if kfac is not None and not self.identity_transform and kfac.approximation != "per_example":
             warnings.warn(
@@ -704,8 +707,9 @@ class NeuralDiffusionModel(keras.Model):
         t = step + 1
         variables = self._trained_variables()
         gradients, result = gradients_and_curvature(
-            self.optimizer, variables,
-            lambda: self.training_objective(x, t, noise, decoder_noise, importance_weights))
+            self.optimizer, variables, jit_compile=self._replica_jit_compile,
+            forward=lambda: self.training_objective(x, t, noise, decoder_noise,
+                                                    importance_weights))
         gradients = distribute.apply_gradients(self.optimizer, gradients, variables)
         terms = result.extras["terms"]
         distribute.run_once(self._after_update,

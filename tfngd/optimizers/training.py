@@ -65,19 +65,39 @@ class ForwardPass:
     extras: dict = dataclasses.field(default_factory=dict)
 
 
-def gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardPass]):
+def gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardPass],
+                            jit_compile: bool = False):
     """Gradients of ``forward().loss``; with K-FAC, also this step's curvature statistics.
 
     The one place that spells out the K-FAC train-step sequence (used by
-    :class:`NaturalGradientModel` and :class:`tfngd.model.DiffusionModel`)::
+    :class:`NaturalGradientModel`, :class:`tfngd.model.DiffusionModel` and
+    :class:`tfngd.ndm.NeuralDiffusionModel`)::
 
         with persistent tape, optimizer.capture():  forward pass
         gradients = tape.gradient(scaled loss)
         kfac.update_curvature(tape, captured, outputs, likelihood, s_n, loss)
 
-    With any other optimizer it is a plain tape. Returns ``(gradients,
-    forward_pass)``; the caller then runs ``optimizer.apply(gradients, variables)``.
+    With any other optimizer it is a plain tape. ``jit_compile``: run the sequence as
+    one XLA-compiled function (what a replica of a ``tf.distribute`` strategy compiles
+    on its own device, :func:`tfngd.distribute.split_jit_compile`; everything in it is
+    local to the replica). Returns ``(gradients, forward_pass)``; the caller then applies
+    the gradients (:func:`tfngd.distribute.apply_gradients`).
     """
+    if not jit_compile:
+        return _gradients_and_curvature(optimizer, variables, forward)
+    traced = {}
+
+    def compiled():
+        gradients, result = _gradients_and_curvature(optimizer, variables, forward)
+        traced["likelihood"] = result.likelihood
+        return gradients, (result.loss, result.outputs, result.per_example_scale,
+                           result.extras)
+
+    gradients, (loss, outputs, scale, extras) = tf.function(compiled, jit_compile=True)()
+    return gradients, ForwardPass(loss, outputs, traced["likelihood"], scale, extras)
+
+
+def _gradients_and_curvature(optimizer, variables, forward):
     kfac = kfac_of(optimizer)
     capture = kfac.capture() if kfac is not None else contextlib.nullcontext()
     with tf.GradientTape(persistent=kfac is not None) as tape:
@@ -123,8 +143,9 @@ class NaturalGradientModel(keras.Model):
     module doc) and applies the preconditioned update.
     """
 
-    def compile(self, *args, **kwargs):
-        super().compile(*args, **kwargs)
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        jit_compile, self._replica_jit_compile = distribute.split_jit_compile(jit_compile)
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
         optimizer = kfac_of(self.optimizer)
         if optimizer is not None:
             if optimizer.fisher != "empirical":
@@ -166,7 +187,9 @@ class NaturalGradientModel(keras.Model):
                                self._per_example_scale(likelihood, y_pred, sample_weight))
 
         variables = self.trainable_variables
-        gradients, result = gradients_and_curvature(self.optimizer, variables, forward)
+        gradients, result = gradients_and_curvature(
+            self.optimizer, variables, forward,
+            jit_compile=getattr(self, "_replica_jit_compile", False))
         distribute.apply_gradients(self.optimizer, gradients, variables)
         y_pred = result.outputs
         for metric in self.metrics:
