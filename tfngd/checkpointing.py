@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import keras
 
@@ -45,11 +47,25 @@ def latest_checkpoint(directory: str) -> dict | None:
     return info
 
 
-def save_checkpoint(model: keras.Model, directory: str, epoch: int, keep: int = 2) -> str:
-    """Atomically write the model and optimizer state reached at the end of ``epoch``."""
+def save_checkpoint(model: keras.Model, directory: str, epoch: int, keep: int = 2,
+                    write: bool = True) -> str | None:
+    """Atomically write the model and optimizer state reached at the end of ``epoch``.
+
+    ``write=False`` (the non-chief workers of a multi-worker run) reads every variable
+    as the chief does (reading K-FAC's replica-local statistics is a collective
+    operation every worker must join) into a scratch file that is then deleted; nothing
+    of the checkpoint directory changes. Returns the checkpoint's path (None then).
+    """
     os.makedirs(directory, exist_ok=True)
     step = int(model.optimizer.iterations.numpy())
     name = f"ckpt-{step:09d}.weights.h5"
+    if not write:
+        scratch = tempfile.mkdtemp(prefix="worker-", dir=directory)
+        try:
+            model.save_weights(os.path.join(scratch, name))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return None
     tmp = os.path.join(directory, f"tmp-{name}")
     model.save_weights(tmp)
     os.replace(tmp, os.path.join(directory, name))
@@ -96,24 +112,30 @@ def restore_checkpoint(model: keras.Model, directory: str) -> dict | None:
 
 
 class CheckpointCallback(keras.callbacks.Callback):
-    """Save a checkpoint every ``every_epochs`` epochs and at the end of training."""
+    """Save a checkpoint every ``every_epochs`` epochs and at the end of training.
 
-    def __init__(self, directory: str, every_epochs: int = 1, keep: int = 2):
+    In a multi-worker run every worker has the callback and only the chief writes
+    (``write``, see :func:`save_checkpoint`).
+    """
+
+    def __init__(self, directory: str, every_epochs: int = 1, keep: int = 2,
+                 write: bool = True):
         super().__init__()
         if every_epochs < 1:
             raise ValueError(f"every_epochs must be >= 1, got {every_epochs}")
         self.directory = directory
         self.every_epochs = every_epochs
         self.keep = keep
+        self.write = write
         self._last_saved_epoch = None
         self._epoch = None
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch = epoch
         if (epoch + 1) % self.every_epochs == 0:
-            save_checkpoint(self.model, self.directory, epoch, self.keep)
+            save_checkpoint(self.model, self.directory, epoch, self.keep, self.write)
             self._last_saved_epoch = epoch
 
     def on_train_end(self, logs=None):
         if self._epoch is not None and self._last_saved_epoch != self._epoch:
-            save_checkpoint(self.model, self.directory, self._epoch, self.keep)
+            save_checkpoint(self.model, self.directory, self._epoch, self.keep, self.write)

@@ -88,6 +88,42 @@ def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
     return not has_chief and resolver.task_type == "worker" and resolver.task_id == 0
 
 
+def distribute_batches(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
+    """A dataset of global batches, split so that replica ``r`` gets rows
+    ``[r b, (r + 1) b)`` of every global batch (``b`` = global batch / replicas), as
+    :func:`rows_of_global_batch` assumes.
+
+    On one machine Keras' ``fit`` splits the global batches itself, in that order; this
+    returns ``dataset`` unchanged. Across workers, ``fit``'s automatic sharding would
+    give each worker whole, different batches of a dataset that is not read from
+    files: there every worker builds the same global batches
+    (``distribute_datasets_from_function``) and keeps the rows of its own replicas.
+    """
+    if not multi_worker(strategy):
+        return dataset
+
+    def worker_batches(context):
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        rows = context.get_per_replica_batch_size(  # checks the even split
+            _static_batch(dataset) or context.num_replicas_in_sync)
+        first = context.input_pipeline_id * local * rows
+
+        def this_workers_replicas(*batch):
+            own = tf.nest.map_structure(
+                lambda t: tf.reshape(t[first:first + local * rows],
+                                     tf.concat([[local, rows], tf.shape(t)[1:]], 0)), batch)
+            return tf.data.Dataset.from_tensor_slices(own if len(own) > 1 else own[0])
+
+        return dataset.flat_map(this_workers_replicas)
+
+    return strategy.distribute_datasets_from_function(worker_batches)
+
+
+def _static_batch(dataset: tf.data.Dataset) -> int | None:
+    """The static leading dimension of the dataset's elements (None if unknown)."""
+    return tf.nest.flatten(dataset.element_spec)[0].shape[0]
+
+
 def replicas() -> int:
     """Replicas in sync under the current strategy (1 without one)."""
     return tf.distribute.get_strategy().num_replicas_in_sync
@@ -177,6 +213,28 @@ def run_once(function: Callable, *args):
         return function(*tf.nest.map_structure(first, per_replica))
 
     return context.merge_call(merged, args=args)
+
+
+def multi_worker(strategy: tf.distribute.Strategy | None = None) -> bool:
+    """Whether ``strategy`` (default: the current one) spans several worker processes."""
+    extended = (strategy or tf.distribute.get_strategy()).extended
+    return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
+
+
+def step_logs(metrics) -> dict:
+    """``{name: result}`` of a train or test step's metrics, shaped for Keras' ``fit``.
+
+    Keras 3 reduces a multi-worker step's outputs with ``strategy.reduce("MEAN", v,
+    axis=0)``, which fails on the scalar results of every metric ("Invalid reduction
+    dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388): under a
+    multi-worker strategy the results are returned with a leading axis of 1, which
+    that reduction removes. Elsewhere they are returned as they are.
+    """
+    logs = {metric.name: metric.result() for metric in metrics}
+    if not multi_worker():
+        return logs
+    return {name: tf.reshape(value, [1]) if value.shape.rank == 0 else value
+            for name, value in logs.items()}
 
 
 def split_jit_compile(jit_compile) -> tuple:

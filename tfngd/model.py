@@ -92,7 +92,27 @@ def _per_channel_scale(output, prediction_scale, variance_scale):
     return tf.concat([spread(prediction_scale), spread(variance_scale)], axis=-1)
 
 
-class DiffusionModel(keras.Model):
+class PrebuiltModel(keras.Model):
+    """A Keras model whose layers are all built when it is constructed (the diffusion
+    models: they are never called on a data batch to be built).
+
+    Under a ``tf.distribute`` strategy Keras' ``fit`` and ``evaluate`` first build the
+    model symbolically from a batch reduced over the replicas; under
+    ``MultiWorkerMirroredStrategy`` that reduction fails for a dict batch (Keras 3.15:
+    ``strategy.reduce("MEAN", {"x0": PerReplica, ...})``). Such a model needs nothing
+    from the batch: only its optimizer is built (in the strategy's scope).
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if not all(layer.built for layer in self._flatten_layers()):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+        return None
+
+
+class DiffusionModel(PrebuiltModel):
     """A denoising diffusion model trained with any Keras optimizer.
 
     Args:
@@ -341,7 +361,7 @@ class DiffusionModel(keras.Model):
 
         self._update_loss_metrics(objective, result.extras, t, batch)
         self.grad_norm_tracker.update_state(tf.linalg.global_norm(gradients))
-        return {m.name: m.result() for m in self.metrics}
+        return distribute.step_logs(self.metrics)
 
     def _after_update(self, t, per_example):
         """The state updated once per step from the global batch: EMA, timestep sampler."""
@@ -364,7 +384,7 @@ class DiffusionModel(keras.Model):
             tf.ones([batch]), training=False,
         )
         self._update_loss_metrics(result.loss, result.extras, t, batch)
-        return {m.name: m.result() for m in self._evaluation_metrics}
+        return distribute.step_logs(self._evaluation_metrics)
 
     # -- EMA -----------------------------------------------------------------
     def update_ema(self):

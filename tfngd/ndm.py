@@ -154,7 +154,7 @@ from tfngd.likelihood import (
     sum_over_example,
 )
 from tfngd.metrics import mean_confidence_interval
-from tfngd.model import _check_output_channels, ema_decay_at
+from tfngd.model import PrebuiltModel, _check_output_channels, ema_decay_at
 from tfngd.optimizers.training import ForwardPass, gradients_and_curvature, kfac_of
 from tfngd.timestep_sampling import make_timestep_sampler
 
@@ -257,7 +257,7 @@ def _check_network(network, name: str, diffusion: GaussianDiffusion | None = Non
     return shape
 
 
-class NeuralDiffusionModel(keras.Model):
+class NeuralDiffusionModel(PrebuiltModel):
     """A Neural Diffusion Model: learned transform ``F_phi`` and data-predicting reverse model.
 
     ``compile`` / ``fit`` / ``evaluate`` work as for any Keras model; with a
@@ -716,7 +716,7 @@ class NeuralDiffusionModel(keras.Model):
                             *distribute.all_gather_rows((step, terms.timestep_kl)))
         self._update_term_metrics(result.loss, terms, batch)
         self.grad_norm_tracker.update_state(tf.linalg.global_norm(gradients))
-        return {m.name: m.result() for m in self.metrics}
+        return distribute.step_logs(self.metrics)
 
     def _after_update(self, step, timestep_kl):
         """The state updated once per step from the global batch: EMA, timestep sampler."""
@@ -738,7 +738,7 @@ class NeuralDiffusionModel(keras.Model):
         result = self.training_objective(x, t, noise, decoder_noise, None,
                                          use_ema=self.evaluate_with_ema, training=False)
         self._update_term_metrics(result.loss, result.extras["terms"], batch)
-        return {m.name: m.result() for m in self.metrics[:-1]}
+        return distribute.step_logs(self.metrics[:-1])
 
     # -- EMA -----------------------------------------------------------------
     def update_ema(self):

@@ -56,8 +56,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfngd import distribute, likelihood, samplers
 from tfngd import gaussian_diffusion as gd
-from tfngd import likelihood, samplers
 from tfngd.model import _STREAM_NOISE, _STREAM_T, DiffusionModel
 
 SDE_NAMES = ("vp", "subvp", "ddpm")
@@ -920,7 +920,7 @@ class ScoreSDEModel(DiffusionModel):
         objective, per_example = result.loss, result.extras["per_example"]
         self.loss_tracker.update_state(objective, sample_weight=tf.cast(batch, tf.float32))
         self._update_quartiles(per_example, t)
-        return {m.name: m.result() for m in self.metrics[:-1]}
+        return distribute.step_logs(self.metrics[:-1])
 
     def sample(self, num_samples: int, seed: int = 0, num_steps: int | None = None,
                sampler: str = "pc", snr: float = 0.16, corrector_steps: int = 1,

@@ -111,28 +111,29 @@ def train(config: TrainConfig, run_dir: str, *, export_root: str | None = "saved
         print(f"{PROGRAM}: resuming {run_dir} at epoch {initial_epoch} (step {start_step})")
 
     labels = config.conditional
-    train_ds = data_lib.training_batches(
+    train_ds = distribute.distribute_batches(strategy, data_lib.training_batches(
         splits.train, config.batch_size, config.seed, start_step=start_step,
         labels=splits.train_labels if labels else None,
-    )
+    ))
     eval_ds = data_lib.evaluation_bank(
         splits.eval, config.num_timesteps, seed=config.seed + 1, batch_size=256,
         labels=splits.eval_labels if labels else None,
         min_timestep=1 if config.model == "ndm" else 0,
     )
     sample_kwargs = config.sample_kwargs()
-    # Only the chief writes (checkpoints, logs, samples, export); every worker trains.
-    fit_callbacks = [] if not chief else [
-        checkpointing.CheckpointCallback(runs.checkpoint_dir(run_dir)),
-        callbacks.DiffusionTensorBoard(
+    # Only the chief writes (checkpoints, logs, samples, export); every worker trains and
+    # takes part in saving (reading K-FAC's replica-local statistics is collective).
+    fit_callbacks = [checkpointing.CheckpointCallback(runs.checkpoint_dir(run_dir),
+                                                      write=chief)]
+    if chief:
+        fit_callbacks.append(callbacks.DiffusionTensorBoard(
             runs.log_dir(run_dir), sample_every_epochs=sample_every_epochs,
             num_samples=min(config.samples_for(splits.data_shape), 1024),
             sample_steps=config.sample_steps, seed=config.seed,
             sampler=sample_kwargs.get("sampler"),
             sample_kwargs={k: v for k, v in sample_kwargs.items()
                            if k not in ("sampler", "num_steps")},
-        ),
-    ]
+        ))
     started = time.perf_counter()
     history = {}
     if initial_epoch < config.epochs:

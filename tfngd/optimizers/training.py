@@ -195,7 +195,8 @@ class NaturalGradientModel(keras.Model):
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(result.loss, sample_weight=tf.shape(y_pred)[0])
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return distribute.step_logs(self.metrics)
 
 
 def _product(values) -> int:
