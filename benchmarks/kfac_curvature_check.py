@@ -112,9 +112,9 @@ def ratios(name: str, num_timesteps: int, approximation: str, seed: int = 0) -> 
     checks = diagnostics.curvature_along_gradient(
         optimizer, transform.trainable_variables + reverse.trainable_variables,
         lambda: model.training_objective(x, t, noise, decoder_noise, None))
-    transform_layers = {id(layer) for layer in transform.layers}
-    return {("transform/" if id(c.block.layer) in transform_layers else "reverse/") + c.name:
-            c.ratio for c in checks}
+    transform_variables = {id(v) for v in transform.trainable_variables}
+    return {("transform/" if id(c.block.variables[0]) in transform_variables else "reverse/")
+            + c.name: c.ratio for c in checks}
 
 
 def main():

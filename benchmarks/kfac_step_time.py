@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from benchmarks.train_throughput import MNIST_UNET, EpochTimer
 from tfngd import data as data_lib
+from tfngd import distribute
 from tfngd.config import TrainConfig, build_model, build_optimizer
 from tfngd.optimizers import kfac_of
 
@@ -47,17 +48,22 @@ TASK_OVERRIDES = {"digits": {}, "mnist": MNIST_UNET}
 NEVER = 10**9  # a period longer than any run: only step 0 (and the warm-up) is due
 
 
-def time_configuration(config: TrainConfig, splits, steps: int, **kfac_options) -> dict:
-    """Mean seconds per step of the second epoch, and the optimizer's state sizes."""
+def time_configuration(config: TrainConfig, splits, steps: int, strategy=None,
+                       **kfac_options) -> dict:
+    """Mean seconds per step of the second epoch, and the optimizer's state sizes
+    (``strategy``: a ``tf.distribute`` strategy to train under; default none)."""
     config = dataclasses.replace(config, epochs=2, steps_per_epoch=steps, **kfac_options)
     config.validate()
-    model = build_model(config, splits.data_shape, splits.num_classes)
-    optimizer = build_optimizer(config)
-    if kfac_of(optimizer) is not None:
-        kfac_of(optimizer).inverse_warmup_steps = 0  # timing only: no per-step refresh phase
-    model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_model(config, splits.data_shape, splits.num_classes)
+        optimizer = build_optimizer(config)
+        if kfac_of(optimizer) is not None:
+            kfac_of(optimizer).inverse_warmup_steps = 0  # timing only: no per-step refreshes
+        model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
     timer = EpochTimer()
-    model.fit(data_lib.training_batches(splits.train, config.batch_size, 0), epochs=2,
+    batches = data_lib.training_batches(splits.train, config.batch_size, 0)
+    model.fit(distribute.distribute_batches(strategy, batches), epochs=2,
               steps_per_epoch=steps, callbacks=[timer], verbose=0)
     kfac = kfac_of(model.optimizer)
     row = {"ms_per_step": 1000.0 * timer.epoch_seconds[1] / steps,

@@ -44,10 +44,10 @@ import shlex
 import sys
 import time
 
-import keras
 import numpy as np
 
 from benchmarks.ndm_checkerboard import paired_comparisons, train_and_bound
+from benchmarks.train_throughput import EpochTimer
 from tfngd import data as data_lib
 from tfngd import images as images_lib
 from tfngd.bench.sample_quality import SampleEvaluator
@@ -56,20 +56,6 @@ from tfngd.networks import build_unet
 RESULTS = os.path.join("benchmarks", "results", "ndm_mnist.json")
 IMAGES = os.path.join("docs", "images")
 RUNS = (("ddpm", False), ("ndm", True))
-
-
-class EpochTimer(keras.callbacks.Callback):
-    """Wall-clock seconds of each ``fit`` epoch (the first includes tracing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def unet_network(args, image_shape):
@@ -86,9 +72,9 @@ def run(args, label: str, learned: bool, optimizer_name: str, splits, evaluator)
     result, model, per_example = train_and_bound(
         args, args.num_timesteps, label, learned, optimizer_name, splits,
         network=unet_network(args, splits.data_shape), callbacks=[timer])
-    result["epoch_seconds"] = timer.seconds
-    if len(timer.seconds) > 1:
-        later = timer.seconds[1:]
+    result["epoch_seconds"] = timer.epoch_seconds
+    if len(timer.epoch_seconds) > 1:
+        later = timer.epoch_seconds[1:]
         result["seconds_per_step_after_first_epoch"] = sum(later) / (
             len(later) * (args.steps // args.epochs))
     sample_quality = {}

@@ -245,9 +245,9 @@ def curvature_along_gradient(approximation: str, num_timesteps: int = 1000) -> d
         optimizer, model.transform_network.trainable_variables
         + model.reverse_network.trainable_variables,
         lambda: model.training_objective(x, t, noise, decoder_noise, None))
-    transform_layers = {id(layer) for layer in model.transform_network.layers}
+    transform_variables = {id(v) for v in model.transform_network.trainable_variables}
     return {check.name: check.ratio for check in checks
-            if id(check.block.layer) in transform_layers}
+            if id(check.block.variables[0]) in transform_variables}
 
 
 def test_per_example_kfac_gets_the_transforms_curvature_where_expand_and_reduce_fail():
