@@ -101,7 +101,7 @@ those evaluations (``F(x, t - 1) - F(x, t)``, ``F(x, s) - F(x_hat, s)``), so the
 per-call gradients nearly cancel: K-FAC must build each layer's factors from the
 per-example gradient summed over all its calls (``approximation="per_example"``,
 :mod:`tfngd.optimizers.curvature_blocks`); expand, which adds the calls as independent
-positions, overstated the transform's curvature by up to 2.5e5 on a U-Net and left it
+positions, overstated the transform's curvature by up to 5.9e4 on a U-Net and left it
 untrained (docs/ndm.md section 6).
 
 With a learned variance the KL and the decoder are no longer squared residuals in the

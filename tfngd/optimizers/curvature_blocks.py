@@ -47,8 +47,9 @@ calls, or one call on ``k`` stacked copies of the batch) as further positions.
 When the calls' outputs are *differenced* before the loss, their gradients
 nearly cancel and both fail: a Neural Diffusion Model's bound depends on its
 transform through ``F(x, t - 1) - F(x, t)`` and ``F(x, s) - F(x_hat, s)``, and
-along the gradient expand overstates the transform's curvature by up to
-``2.5e5`` and reduce understates it by up to ``1.5e-5`` (docs/kfac.md section 2).
+along the gradient expand overstated the transform's curvature by up to
+``5.9e4`` and reduce was off by factors from ``0.006`` to ``1.9e3`` (docs/kfac.md
+section 2, ``benchmarks/kfac_curvature_check.py``).
 ``approximation="per_example"`` builds the factors from each example's whole
 gradient matrix, every call, copy and position summed first (with ``a_bar`` and
 ``g`` of one position ``[d_in]`` and ``[d_out]``, per probe)::
