@@ -38,13 +38,16 @@ def test_parse_grid_spec():
         "adam", "learning_rate", (1e-3, 2e-3))
     assert grids.parse_grid_spec("sgd=0.1") == ("sgd", "learning_rate", (0.1,))
     assert grids.parse_grid_spec("kfac:inverse_every=5,20") == ("kfac", "inverse_every", (5, 20))
+    assert grids.parse_grid_spec("kfac:kfac_approximation=expand,per_example") == (
+        "kfac", "kfac_approximation", ("expand", "per_example"))
     overrides = grids.grid_overrides(["kfac=0.1", "kfac:damping=1e-2"])
     assert grids.grid_points("kfac", overrides["kfac"]) == [
         {"learning_rate": 0.1, "damping": 1e-2}]
     for bad, message in (("adam", "expected"), ("rmsprop=1e-3", "choose from"),
                          ("adam:batch_size=32", "not a tunable"), ("adam=fast", "cannot read"),
                          ("adam=1e-3,1e-3", "repeated"), ("adam=", "no values"),
-                         ("adam=nan", "finite")):
+                         ("adam=nan", "finite"),
+                         ("kfac:kfac_approximation=pooled", "choose one of: auto, expand")):
         with pytest.raises(ValueError, match=message):
             grids.parse_grid_spec(bad)
 

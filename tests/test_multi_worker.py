@@ -88,6 +88,14 @@ def runs(tmp_path_factory):
 
     uninterrupted = str(base / "uninterrupted")
     finish(start_cluster(uninterrupted))
+    uninterrupted_result = checkpoint_arrays(uninterrupted)
+    # The cluster's run, continued by one process for one more epoch (another strategy).
+    train = list(TRAIN)
+    train[train.index("--epochs") + 1] = str(EPOCHS + 1)
+    continued = subprocess.run([sys.executable, "-m", "trainers.train", *train, "--run-dir",
+                                uninterrupted], cwd=ROOT, capture_output=True, text=True,
+                               env=environment(), timeout=TIMEOUT)
+    assert continued.returncode == 0, continued.stderr[-3000:]
 
     # Kill worker 1 once the chief has saved a checkpoint; worker 0 then loses its peer
     # (its collectives fail or hang) and is stopped too, as a scheduler restarting the
@@ -108,8 +116,8 @@ def runs(tmp_path_factory):
         worker.communicate(timeout=TIMEOUT)
     killed_at = checkpointing.latest_checkpoint(os.path.dirname(pointer))["epoch"]
     outputs = finish(start_cluster(interrupted))
-    return {"single": checkpoint_arrays(single),
-            "uninterrupted": checkpoint_arrays(uninterrupted),
+    return {"single": checkpoint_arrays(single), "uninterrupted": uninterrupted_result,
+            "continued": checkpoint_arrays(uninterrupted), "continued_output": continued.stdout,
             "resumed": checkpoint_arrays(interrupted), "killed_at": killed_at,
             "resume_output": outputs[0]}
 
@@ -143,3 +151,10 @@ def test_a_killed_worker_resumes_from_the_checkpoint_with_nothing_lost(runs):
         scale = max(float(np.max(np.abs(expected))), 1e-30) if expected.size else 1.0
         np.testing.assert_allclose(resumed["arrays"][name], expected, rtol=0,
                                    atol=1e-5 * scale, err_msg=name)
+
+
+def test_a_cluster_run_resumes_under_another_strategy(runs):
+    """``strategy`` is a runtime option: one process continues the two workers' run from
+    the chief's checkpoint (K-FAC's replica-local statistics restored as their mean)."""
+    assert f"at epoch {EPOCHS}" in runs["continued_output"]
+    assert runs["continued"]["step"] == (EPOCHS + 1) * STEPS

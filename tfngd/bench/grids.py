@@ -37,7 +37,7 @@ FIRST_ORDER = ("adam", "adamw", "sgd")
 
 # Optimizer hyperparameters a grid may vary (TrainConfig fields).
 TUNABLE = ("learning_rate", "damping", "momentum", "weight_decay", "statistics_every",
-           "inverse_every", "global_clipnorm", "final_lr_fraction")
+           "inverse_every", "global_clipnorm", "final_lr_fraction", "kfac_approximation")
 
 GRIDS: dict[str, dict[str, tuple]] = {
     "adam": {"learning_rate": (5e-4, 1e-3, 2e-3, 4e-3)},
@@ -95,9 +95,27 @@ def _field_parser(name: str):
     hint = typing.get_type_hints(TrainConfig)[name]
     if hint is int:
         return int
+    if hint is str:
+        return _choice_parser(name)
     if hint == (float | None):
         return lambda text: None if text.lower() in ("none", "off") else float(text)
     return float
+
+
+class _InvalidChoice(ValueError):
+    """A string value outside its option's choices (the message names them)."""
+
+
+def _choice_parser(name: str):
+    """A string option, checked against its valid choices (TrainConfig's own check)."""
+    def parse(text: str) -> str:
+        try:
+            TrainConfig(**{name: text}).validate()
+        except ValueError as err:
+            raise _InvalidChoice(str(err)) from err
+        return text
+
+    return parse
 
 
 def parse_value(name: str, text: str):
@@ -105,7 +123,9 @@ def parse_value(name: str, text: str):
     try:
         value = _field_parser(name)(text.strip())
     except ValueError as err:
-        raise ValueError(f"{name}: cannot read {text.strip()!r} as a number") from err
+        message = str(err) if isinstance(err, _InvalidChoice) else (
+            f"cannot read {text.strip()!r} as a number")
+        raise ValueError(f"{name}: {message}") from err
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{name}: {text.strip()!r} is not a finite number")
     return value

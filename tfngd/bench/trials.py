@@ -138,7 +138,8 @@ def record_key(record: dict) -> tuple:
 
 
 def _short(name: str) -> str:
-    return {"learning_rate": "lr", "weight_decay": "wd", "damping": "damp"}.get(name, name)
+    return {"learning_rate": "lr", "weight_decay": "wd", "damping": "damp",
+            "kfac_approximation": "approx"}.get(name, name)
 
 
 def clean_json(value):
