@@ -330,14 +330,20 @@ def dense_called_twice(combine, d_in=3, d_out=2, approximation="expand", stacked
     return model, layer, block, x
 
 
-def exact_fisher_of_mse(model, layer, x):
-    """F = 1/N sum_n J_n^T (2/D) J_n for the Keras MSE over D output elements."""
+def per_example_jacobians(model, layer, x) -> np.ndarray:
+    """``[N, D, params]``: each example's Jacobian of the D outputs in (kernel; bias)."""
     with tf.GradientTape(persistent=True) as tape:
         outputs = model(x)
     n, size = x.shape[0], int(np.prod(outputs.shape[1:]))
-    jac = np.concatenate([tape.jacobian(outputs, layer.kernel).numpy().reshape(n, size, -1),
-                          tape.jacobian(outputs, layer.bias).numpy().reshape(n, size, -1)],
-                         axis=2)
+    return np.concatenate([tape.jacobian(outputs, layer.kernel).numpy().reshape(n, size, -1),
+                           tape.jacobian(outputs, layer.bias).numpy().reshape(n, size, -1)],
+                          axis=2)
+
+
+def exact_fisher_of_mse(model, layer, x):
+    """F = 1/N sum_n J_n^T (2/D) J_n for the Keras MSE over D output elements."""
+    jac = per_example_jacobians(model, layer, x)
+    n, size = jac.shape[:2]
     return np.einsum("npi,npj->ij", jac, jac) * 2 / size / n
 
 
@@ -373,12 +379,8 @@ def test_reduce_pools_over_the_calls_of_a_layer_called_twice(stacked):
 def per_example_fisher(model, layer, x):
     """The per-example gradient matrices M_n (per output probe) of the Keras MSE, and the
     per-example Kronecker factors built from them (numpy)."""
-    with tf.GradientTape(persistent=True) as tape:
-        outputs = model(x)
-    n, size = x.shape[0], int(np.prod(outputs.shape[1:]))
-    jac = np.concatenate([tape.jacobian(outputs, layer.kernel).numpy().reshape(n, size, -1),
-                          tape.jacobian(outputs, layer.bias).numpy().reshape(n, size, -1)],
-                         axis=2)
+    jac = per_example_jacobians(model, layer, x)
+    n, size = jac.shape[:2]
     d_out = layer.bias.shape[0]
     matrices = jac.reshape(n, size, -1, d_out) * np.sqrt(2 / size)  # [N, probes, d_in, d_out]
     tau = np.sum(matrices ** 2) / n
