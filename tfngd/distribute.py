@@ -13,7 +13,8 @@ batch. The train steps of :class:`tfngd.model.DiffusionModel`,
   keeps its rows (:func:`rows_of_global_batch`): the draws of a row do not
   depend on the number of replicas.
 * **Gradients** are averaged over the replicas before anything reads them
-  (:func:`apply_gradients`): the gradient-norm metric and Keras' clipping
+  (:func:`apply_gradients_if_finite`, which also skips a step whose loss or
+  gradient is not finite): the gradient-norm metric and Keras' clipping
   (``global_clipnorm``, ``clipnorm``, ``clipvalue``) see the global gradient.
   (Keras 3 itself clips each replica's partial gradient before its all-reduce,
   which is not what one device does.)
@@ -35,6 +36,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tensorflow as tf
+
+from tfngd import nonfinite
 
 STRATEGIES = ("none", "mirrored", "multi_worker")
 
@@ -221,8 +224,9 @@ def multi_worker(strategy: tf.distribute.Strategy | None = None) -> bool:
     return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
 
 
-def step_logs(metrics) -> dict:
-    """``{name: result}`` of a train or test step's metrics, shaped for Keras' ``fit``.
+def step_logs(metrics, extra: dict | None = None) -> dict:
+    """``{name: result}`` of a train or test step's metrics (and the values of
+    ``extra``, as float32), shaped for Keras' ``fit``.
 
     Keras 3 reduces a multi-worker step's outputs with ``strategy.reduce("MEAN", v,
     axis=0)``, which fails on the scalar results of every metric ("Invalid reduction
@@ -231,6 +235,8 @@ def step_logs(metrics) -> dict:
     that reduction removes. Elsewhere they are returned as they are.
     """
     logs = {metric.name: metric.result() for metric in metrics}
+    for name, value in (extra or {}).items():  # plain values (a counter variable)
+        logs[name] = tf.cast(tf.convert_to_tensor(value), tf.float32)
     if not multi_worker():
         return logs
     return {name: tf.reshape(value, [1]) if value.shape.rank == 0 else value
@@ -272,26 +278,68 @@ def clip_like(optimizer, gradients: list) -> list:
     return gradients
 
 
-def apply_gradients(optimizer, gradients: list, variables: list) -> list:
-    """``optimizer.apply`` of the replicas' mean gradient; returns that mean gradient.
+def apply_gradients_if_finite(optimizer, gradients: list, variables: list, loss):
+    """``optimizer.apply`` of the replicas' mean gradient, unless the mean ``loss`` or
+    the mean gradient is not finite; returns ``(mean gradient, finite)``.
 
-    ``gradients`` are this replica's gradients of its own mean loss. On one
-    device this is ``optimizer.apply(gradients, variables)``. On ``R`` replicas
-    the gradients are averaged, clipped like the optimizer clips (on the global
-    gradient), and handed to the optimizer divided by ``R``: Keras' optimizers sum
-    the replicas' gradients (and re-clipping an already clipped, ``R`` times
-    smaller gradient changes nothing), so the update uses exactly the clipped mean.
+    ``gradients`` are this replica's gradients of its own mean ``loss``. A step that
+    is not finite is skipped (:mod:`tfngd.nonfinite`): ``optimizer.iterations``
+    advances and nothing else of the optimizer or of ``variables`` changes.
+
+    * One device: ``tf.cond(finite, apply, advance the step counter)``.
+    * ``R`` replicas: the gradients are averaged, clipped like the optimizer clips
+      (on the global gradient), and handed to the optimizer divided by ``R``:
+      Keras' optimizers sum the replicas' gradients (and re-clipping an already
+      clipped, ``R`` times smaller gradient changes nothing), so the update uses
+      exactly the clipped mean. A Keras optimizer cannot apply inside a
+      ``tf.cond`` there (its all-reduce is a ``merge_call``, which control flow
+      cannot hold: "merge_call called while defining a new graph"), so the state it
+      writes is read before the update and written back when the step is not finite.
+    * An optimizer with ``skips_nonfinite_updates`` (K-FAC, which also checks its
+      curvature statistics) applies every step and leaves a non-finite one alone
+      itself; the returned ``finite`` still tells the caller what to skip (EMA,
+      metrics).
     """
+    if not optimizer.built:
+        optimizer.build(variables)
+    mean, mean_loss = all_reduce_mean((gradients, loss))
+    finite = nonfinite.all_finite([mean_loss, *mean])
     context = _replica_context()
     if context is None:
-        optimizer.apply(gradients, variables)
-        return gradients
+        def apply():
+            optimizer.apply(gradients, variables)
+            return tf.constant(True)
+
+        def skip():
+            optimizer.iterations.assign_add(1)
+            return tf.constant(False)
+
+        if getattr(optimizer, "skips_nonfinite_updates", False):
+            apply()
+        else:
+            tf.cond(finite, apply, skip)
+        return gradients, finite
     inner = getattr(optimizer, "inner_optimizer", None)
     if inner is not None:
         raise NotImplementedError("loss scaling (mixed_float16) is not supported on several "
                                   "replicas; use the mixed_bfloat16 policy, which needs none")
-    mean = all_reduce_mean(gradients)
     share = 1.0 / context.num_replicas_in_sync
-    optimizer.apply([None if g is None else g * share for g in clip_like(optimizer, mean)],
-                    variables)
-    return mean
+    scaled = [None if g is None else g * share for g in clip_like(optimizer, mean)]
+    if getattr(optimizer, "skips_nonfinite_updates", False):
+        optimizer.apply(scaled, variables)
+        return mean, finite
+    state = [v for v in [*variables, *optimizer.variables] if v is not optimizer.iterations]
+    before = [tf.identity(tf.convert_to_tensor(v)) for v in state]
+    with tf.control_dependencies(before):
+        optimizer.apply(scaled, variables)
+
+    def restore(finite, *values):
+        def write_back():
+            for variable, value in zip(state, values, strict=True):
+                variable.assign(value)
+            return tf.constant(True)
+
+        return tf.cond(finite, lambda: tf.constant(False), write_back)
+
+    run_once(restore, finite, *before)
+    return mean, finite

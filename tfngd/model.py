@@ -34,7 +34,7 @@ import math
 import keras
 import tensorflow as tf
 
-from tfngd import distribute, likelihood, samplers
+from tfngd import distribute, likelihood, nonfinite, samplers
 from tfngd.gaussian_diffusion import GaussianDiffusion
 from tfngd.optimizers.training import ForwardPass, gradients_and_curvature, kfac_of
 from tfngd.timestep_sampling import make_timestep_sampler
@@ -102,6 +102,38 @@ class PrebuiltModel(keras.Model):
     ``strategy.reduce("MEAN", {"x0": PerReplica, ...})``). Such a model needs nothing
     from the batch: only its optimizer is built (in the strategy's scope).
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Steps skipped because their loss or gradients were not finite (tfngd.nonfinite);
+        # a model variable, so checkpoints carry it.
+        self.nonfinite_steps = keras.Variable(0, dtype="int64", trainable=False,
+                                              name=nonfinite.LOG_NAME)
+
+    def _finish_step(self, finite, *args):
+        """Once for all replicas: ``_after_update(*args)`` (EMA, timestep sampler) after an
+        applied step; after a skipped one, only ``nonfinite_steps`` counts it."""
+
+        def finish(finite, *args):
+            def applied():
+                self._after_update(*args)
+                return tf.constant(True)
+
+            def skipped():
+                self.nonfinite_steps.assign_add(1)
+                return tf.constant(False)
+
+            return tf.cond(finite, applied, skipped)
+
+        distribute.run_once(finish, finite, *args)
+
+    def _train_logs(self, gradients, finite):
+        """The train step's logs: ``metrics`` with the (global) gradient norm of an
+        applied step, and ``nonfinite_steps``."""
+        self.grad_norm_tracker.update_state(
+            nonfinite.zero_unless(tf.linalg.global_norm(gradients), finite),
+            sample_weight=tf.cast(finite, tf.float32))
+        return distribute.step_logs(self.metrics, {nonfinite.LOG_NAME: self.nonfinite_steps})
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if not all(layer.built for layer in self._flatten_layers()):
@@ -320,17 +352,24 @@ class DiffusionModel(PrebuiltModel):
         """The quartile (0..3, 0 = least noise) of the chain that each ``t`` lies in."""
         return tf.minimum(t * 4 // self.diffusion.num_timesteps, 3)
 
-    def _update_quartiles(self, per_example, t):
+    def _update_quartiles(self, per_example, t, weight=1.0):
         quartile = self._quartile_of(t)
         for q, tracker in enumerate(self.quartile_trackers):
-            tracker.update_state(per_example, sample_weight=tf.cast(quartile == q, tf.float32))
+            tracker.update_state(per_example,
+                                 sample_weight=tf.cast(quartile == q, tf.float32) * weight)
 
-    def _update_loss_metrics(self, objective, extras, t, batch):
-        """The loss, the per-quartile (weighted) MSE and, for learned_range, ``L_vlb``."""
-        self.loss_tracker.update_state(objective, sample_weight=tf.cast(batch, tf.float32))
-        self._update_quartiles(extras["mse"], t)
+    def _update_loss_metrics(self, objective, extras, t, batch, finite=None):
+        """The loss, the per-quartile (weighted) MSE and, for learned_range, ``L_vlb``;
+        a skipped (not ``finite``) training step is left out."""
+        weight = 1.0 if finite is None else tf.cast(finite, tf.float32)
+        objective, mse = (nonfinite.zero_unless(value, finite) for value in
+                          (objective, extras["mse"]))
+        self.loss_tracker.update_state(objective, sample_weight=tf.cast(batch, tf.float32)
+                                       * weight)
+        self._update_quartiles(mse, t, weight)
         if self.vlb_tracker is not None:
-            self.vlb_tracker.update_state(extras["vlb"])
+            vlb = nonfinite.zero_unless(extras["vlb"], finite)
+            self.vlb_tracker.update_state(vlb, sample_weight=tf.ones_like(vlb) * weight)
 
     def train_step(self, data):
         x0, label, _, _ = self._unpack(data)
@@ -356,12 +395,12 @@ class DiffusionModel(PrebuiltModel):
             forward=lambda: self.denoising_loss(self.denoiser, x0, t, noise, label,
                                                 importance_weights, training=True))
         objective, per_example = result.loss, result.extras["per_example"]
-        gradients = distribute.apply_gradients(self.optimizer, gradients, variables)
-        distribute.run_once(self._after_update, *distribute.all_gather_rows((t, per_example)))
+        gradients, finite = distribute.apply_gradients_if_finite(self.optimizer, gradients,
+                                                                 variables, objective)
+        self._finish_step(finite, *distribute.all_gather_rows((t, per_example)))
 
-        self._update_loss_metrics(objective, result.extras, t, batch)
-        self.grad_norm_tracker.update_state(tf.linalg.global_norm(gradients))
-        return distribute.step_logs(self.metrics)
+        self._update_loss_metrics(objective, result.extras, t, batch, finite)
+        return self._train_logs(gradients, finite)
 
     def _after_update(self, t, per_example):
         """The state updated once per step from the global batch: EMA, timestep sampler."""

@@ -138,7 +138,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfngd import data as data_lib
-from tfngd import distribute, samplers, schedules
+from tfngd import distribute, nonfinite, samplers, schedules
 from tfngd.gaussian_diffusion import (
     GaussianDiffusion,
     learned_range_log_variance,
@@ -680,15 +680,19 @@ class NeuralDiffusionModel(PrebuiltModel):
                            extras={"terms": terms})
 
     # -- train / test steps --------------------------------------------------
-    def _update_term_metrics(self, objective, terms: BoundTerms, batch):
+    def _update_term_metrics(self, objective, terms: BoundTerms, batch, finite=None):
+        """The bound and its terms per dimension; a skipped (not ``finite``) training step
+        is left out."""
         dims = float(self.data_dims)
         weight = tf.cast(batch, tf.float32)
-        self.loss_tracker.update_state(objective, sample_weight=weight)
-        self.prior_tracker.update_state(tf.reduce_mean(terms.prior) / dims, sample_weight=weight)
-        self.diffusion_tracker.update_state(tf.reduce_mean(terms.diffusion) / dims,
-                                            sample_weight=weight)
-        self.reconstruction_tracker.update_state(tf.reduce_mean(terms.reconstruction) / dims,
-                                                 sample_weight=weight)
+        if finite is not None:
+            weight *= tf.cast(finite, tf.float32)
+        pairs = ((self.loss_tracker, objective),
+                 (self.prior_tracker, tf.reduce_mean(terms.prior) / dims),
+                 (self.diffusion_tracker, tf.reduce_mean(terms.diffusion) / dims),
+                 (self.reconstruction_tracker, tf.reduce_mean(terms.reconstruction) / dims))
+        for tracker, value in pairs:
+            tracker.update_state(nonfinite.zero_unless(value, finite), sample_weight=weight)
 
     def train_step(self, data):
         x, _, _, _ = self._unpack(data)
@@ -710,13 +714,12 @@ class NeuralDiffusionModel(PrebuiltModel):
             self.optimizer, variables, jit_compile=self._replica_jit_compile,
             forward=lambda: self.training_objective(x, t, noise, decoder_noise,
                                                     importance_weights))
-        gradients = distribute.apply_gradients(self.optimizer, gradients, variables)
+        gradients, finite = distribute.apply_gradients_if_finite(self.optimizer, gradients,
+                                                                 variables, result.loss)
         terms = result.extras["terms"]
-        distribute.run_once(self._after_update,
-                            *distribute.all_gather_rows((step, terms.timestep_kl)))
-        self._update_term_metrics(result.loss, terms, batch)
-        self.grad_norm_tracker.update_state(tf.linalg.global_norm(gradients))
-        return distribute.step_logs(self.metrics)
+        self._finish_step(finite, *distribute.all_gather_rows((step, terms.timestep_kl)))
+        self._update_term_metrics(result.loss, terms, batch, finite)
+        return self._train_logs(gradients, finite)
 
     def _after_update(self, step, timestep_kl):
         """The state updated once per step from the global batch: EMA, timestep sampler."""

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from tfngd import checkpointing, distribute, runs
+from tfngd import checkpointing, distribute, nonfinite, runs
 from tfngd import data as data_lib
 from tfngd.config import (
     RUNTIME_OPTIONS,
@@ -124,7 +124,8 @@ def train(config: TrainConfig, run_dir: str, *, export_root: str | None = "saved
     # Only the chief writes (checkpoints, logs, samples, export); every worker trains and
     # takes part in saving (reading K-FAC's replica-local statistics is collective).
     fit_callbacks = [checkpointing.CheckpointCallback(runs.checkpoint_dir(run_dir),
-                                                      write=chief)]
+                                                      write=chief),
+                     nonfinite.NonFiniteGuard(config.nonfinite_policy)]
     if chief:
         fit_callbacks.append(callbacks.DiffusionTensorBoard(
             runs.log_dir(run_dir), sample_every_epochs=sample_every_epochs,
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
             export_name=args.export_name, sample_every_epochs=args.sample_every_epochs,
             verbose=args.verbose,
         )
-    except (ConfigError, checkpointing.CheckpointError, data_lib.DataError) as err:
+    except (ConfigError, checkpointing.CheckpointError, data_lib.DataError,
+            nonfinite.NonFiniteTrainingError) as err:
         return cli.fail(PROGRAM, err)
     for key, value in summary.items():
         print(f"{key}: {value}")

@@ -97,7 +97,8 @@ class TrialSpec:
 # TrainConfig options added after trials were first recorded, at the value that reproduces
 # what the harness did before they existed (see comparable_identity).
 LATER_OPTIONS = {"kfac_approximation": "expand", "model": "ddpm", "sde": "vp",
-                 "vlb_weight": 0.001, "precision": "float32", "strategy": "none"}
+                 "vlb_weight": 0.001, "precision": "float32", "strategy": "none",
+                 "nonfinite_policy": "skip"}
 
 
 def comparable_identity(identity: dict) -> str | None:
@@ -355,6 +356,7 @@ def run_trial(spec: TrialSpec, context: TaskContext, output_dir: str) -> dict:
 
     from tfngd import callbacks as callbacks_lib
     from tfngd import data as data_lib
+    from tfngd import nonfinite
     from tfngd.config import build_model, build_optimizer
 
     started = time.perf_counter()
@@ -385,7 +387,8 @@ def run_trial(spec: TrialSpec, context: TaskContext, output_dir: str) -> dict:
     log_dir = os.path.join(output_dir, "tensorboard", spec.task, spec.trial_id)
     fit_callbacks = [
         recorder,  # first: its batch timer closes before the other callbacks' batch hooks run
-        keras.callbacks.TerminateOnNaN(),
+        # A diverged trial ends at its first non-finite step (which is not applied).
+        nonfinite.NonFiniteGuard("stop", terminate=True),
         callbacks_lib.DiffusionTensorBoard(log_dir, sample_every_epochs=0,
                                            batch_size=config.batch_size),
     ]

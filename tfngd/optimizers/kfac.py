@@ -10,6 +10,7 @@ import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
 from tfngd import distribute
+from tfngd.nonfinite import all_finite
 from tfngd.optimizers.capture import capture_layer_calls, find_registrable_layers
 from tfngd.optimizers.curvature_blocks import block_type_for, validate_modes
 
@@ -93,11 +94,6 @@ def default_per_example_scale(outputs, likelihood: str) -> tf.Tensor:
     return tf.constant(1.0 / math.prod(int(d) for d in dims), tf.float32)
 
 
-def _all_finite(tensors) -> tf.Tensor:
-    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]
-    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
-
-
 @keras.saving.register_keras_serializable(package="tfngd")
 class KFAC(keras.optimizers.Optimizer):
     """K-FAC natural-gradient descent (Martens & Grosse 2015; Grosse & Martens 2016).
@@ -153,7 +149,8 @@ class KFAC(keras.optimizers.Optimizer):
     the optimizer of the fresh model before ``load_weights``). Non-finite
     statistics or gradients, or a failed decomposition, skip the whole step:
     weights, momentum and curvature keep their values and ``skipped_updates``
-    is incremented.
+    is incremented (``skips_nonfinite_updates``: the train steps rely on it,
+    :func:`tfngd.distribute.apply_gradients_if_finite`).
 
     Args:
       learning_rate: float or ``LearningRateSchedule``; ``eta``. Defaults to 0.1.
@@ -219,6 +216,9 @@ class KFAC(keras.optimizers.Optimizer):
     written to every replica, so all replicas hold the same state and apply the same
     update (:mod:`tfngd.distribute`; ``statistics_examples`` counts per replica).
     """
+
+    # The update is all or nothing on non-finite gradients and statistics (see above).
+    skips_nonfinite_updates = True
 
     def __init__(
         self,
@@ -496,7 +496,7 @@ class KFAC(keras.optimizers.Optimizer):
             # communication here); reading them in the update averages the copies.
             statistics = self.batch_statistics(tape, captured, outputs, likelihood,
                                                per_example_scale, loss)
-            finite = _all_finite([s for stats in statistics if stats for s in stats])
+            finite = all_finite([s for stats in statistics if stats for s in stats])
 
             def accumulate():
                 decay = tf.constant(self.statistics_decay, tf.float32)
@@ -634,7 +634,7 @@ class KFAC(keras.optimizers.Optimizer):
         learning_rate = tf.cast(learning_rate, tf.float32)
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         block_grads, fallback = self._route_gradients(grads, trainable_variables)
-        finite = tf.logical_and(tf.equal(self._nonfinite_statistics, 0.0), _all_finite(grads))
+        finite = tf.logical_and(tf.equal(self._nonfinite_statistics, 0.0), all_finite(grads))
         correction = tf.where(self._statistics_weight > 0,
                               1.0 / tf.maximum(self._statistics_weight, _TINY), 0.0)
         damping = tf.cast(self.damping, tf.float32)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from tfngd import distribute
+from tfngd import distribute, nonfinite
 from tfngd.optimizers.kfac import KFAC
 
 _GAUSSIAN_LOSS_NAMES = ("mse", "mean_squared_error", "MeanSquaredError")
@@ -81,7 +81,7 @@ def gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardP
     one XLA-compiled function (what a replica of a ``tf.distribute`` strategy compiles
     on its own device, :func:`tfngd.distribute.split_jit_compile`; everything in it is
     local to the replica). Returns ``(gradients, forward_pass)``; the caller then applies
-    the gradients (:func:`tfngd.distribute.apply_gradients`).
+    the gradients (:func:`tfngd.distribute.apply_gradients_if_finite`).
     """
     if not jit_compile:
         return _gradients_and_curvature(optimizer, variables, forward)
@@ -190,11 +190,15 @@ class NaturalGradientModel(keras.Model):
         gradients, result = gradients_and_curvature(
             self.optimizer, variables, forward,
             jit_compile=getattr(self, "_replica_jit_compile", False))
-        distribute.apply_gradients(self.optimizer, gradients, variables)
+        _, finite = distribute.apply_gradients_if_finite(self.optimizer, gradients, variables,
+                                                         result.loss)
         y_pred = result.outputs
         for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(result.loss, sample_weight=tf.shape(y_pred)[0])
+            if metric.name == "loss":  # a skipped (non-finite) step is left out
+                metric.update_state(
+                    nonfinite.zero_unless(result.loss, finite),
+                    sample_weight=tf.cast(tf.shape(y_pred)[0], tf.float32)
+                    * tf.cast(finite, tf.float32))
         self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         return distribute.step_logs(self.metrics)
 
