@@ -20,7 +20,7 @@ import os
 import keras
 
 from tfngd import data as data_lib
-from tfngd import distribute, schedules, sde, timestep_sampling
+from tfngd import distribute, nonfinite, schedules, sde, timestep_sampling
 from tfngd import gaussian_diffusion as gd
 from tfngd.model import DiffusionModel
 from tfngd.ndm import REVERSE_PARAMETERISATIONS, NeuralDiffusionModel
@@ -39,7 +39,7 @@ MODELS = ("ddpm", "score_sde", "ndm")
 PRECISIONS = ("float32", "mixed_bfloat16")
 # Options that say how a run is executed, not what it computes: a run may resume under
 # other values (another number of GPUs).
-RUNTIME_OPTIONS = ("strategy",)
+RUNTIME_OPTIONS = ("strategy", "nonfinite_policy")
 # The samplers of each kind of model; the first is what sampler="auto" picks.
 MODEL_SAMPLERS = {"ddpm": ("ddim", "ddpm"), "score_sde": sde.SDE_SAMPLERS, "ndm": ("ddpm",)}
 SAMPLER_CHOICES = ("auto", *dict.fromkeys(s for kinds in MODEL_SAMPLERS.values() for s in kinds))
@@ -98,6 +98,7 @@ class TrainConfig:
     epochs: int = 30
     steps_per_epoch: int = 100
     ema_decay: float = 0.995
+    nonfinite_policy: str = "skip"
     jit_compile: bool = False
     precision: str = "float32"
     strategy: str = "none"
@@ -111,115 +112,38 @@ class TrainConfig:
 
     # -- validation ------------------------------------------------------------
     def validate(self) -> TrainConfig:
-        """Raise :class:`ConfigError` for the first invalid value; return self."""
+        """Raise :class:`ConfigError` for the first invalid value; return self.
 
-        def choice(option, value, choices):
-            if value not in choices:
-                raise ConfigError(
-                    f"{option}={value!r} is not valid; choose one of: {', '.join(choices)}"
-                )
-
-        def integer(option, value, low, high=None):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (
-                high is not None and value > high
-            ):
-                allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
-                raise ConfigError(
-                    f"{option}={value!r} is not valid; it must be an integer {allowed}"
-                )
-
-        def real(option, value, low, high, low_open=False, high_open=False):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-                value)
-            if ok:
-                ok = (value > low if low_open else value >= low) and (
-                    value < high if high_open else value <= high)
-            if not ok:
-                lo = "(" if low_open else "["
-                hi = ")" if high_open else "]"
-                raise ConfigError(
-                    f"{option}={value!r} is not valid; it must be a finite number in "
-                    f"{lo}{low}, {high}{hi}"
-                )
-
-        choice("dataset", self.dataset, data_lib.DATASETS)
-        if self.num_train is not None:
-            integer("num_train", self.num_train, 1)
-        integer("base_channels", self.base_channels, 1)
-        if not self.channel_mults:
-            raise ConfigError("channel_mults must list at least one multiplier")
-        for mult in self.channel_mults:
-            integer("channel_mults", mult, 1)
-        integer("num_res_blocks", self.num_res_blocks, 1)
-        for resolution in self.attention_resolutions:
-            integer("attention_resolutions", resolution, 1)
-        integer("num_heads", self.num_heads, 1)
-        real("dropout", self.dropout, 0.0, 1.0, high_open=True)
-        integer("groups", self.groups, 1)
+        Every option is checked against its rule in :data:`OPTION_RULES` (type, range
+        or choices), then the options that constrain each other.
+        """
+        for field in dataclasses.fields(self):
+            OPTION_RULES[field.name].check(field.name, getattr(self, field.name))
         for channels in (self.base_channels, *(self.base_channels * m for m in self.channel_mults)):
             if channels % self.groups:
                 raise ConfigError(
                     f"groups={self.groups} must divide the channels of every U-Net level "
                     f"(base_channels * channel_mults), but not {channels}"
                 )
-        integer("hidden_units", self.hidden_units, 1)
-        integer("num_blocks", self.num_blocks, 0)
-        real("class_dropout", self.class_dropout, 0.0, 1.0)
-        choice("schedule", self.schedule, schedules.SCHEDULES)
-        integer("num_timesteps", self.num_timesteps, 2, 100_000)
-        choice("prediction_type", self.prediction_type, gd.PREDICTION_TYPES)
-        choice("variance_type", self.variance_type, gd.VARIANCE_TYPES)
         if self.zero_terminal_snr and self.prediction_type == "eps":
             raise ConfigError("zero_terminal_snr needs prediction_type 'v' or 'x0', not 'eps'")
-        if self.min_snr_gamma is not None:
-            real("min_snr_gamma", self.min_snr_gamma, 0.0, 1e6, low_open=True)
-        real("vlb_weight", self.vlb_weight, 0.0, 1e6)
-        choice("timestep_sampler", self.timestep_sampler, timestep_sampling.TIMESTEP_SAMPLERS)
-        choice("optimizer", self.optimizer, OPTIMIZERS)
-        if self.learning_rate is not None:
-            real("learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
-        integer("warmup_steps", self.warmup_steps, 0)
-        real("final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
-        real("weight_decay", self.weight_decay, 0.0, 1.0)
-        if self.momentum is not None:
-            real("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        real("damping", self.damping, 0.0, 1e6, low_open=True)
-        integer("statistics_every", self.statistics_every, 1)
-        if self.statistics_examples is not None:
-            integer("statistics_examples", self.statistics_examples, 1)
-        integer("inverse_every", self.inverse_every, 1)
-        choice("inverse_method", self.inverse_method, INVERSE_METHODS)
-        choice("kfac_approximation", self.kfac_approximation, ("auto", *APPROXIMATIONS))
-        if self.global_clipnorm is not None:
-            real("global_clipnorm", self.global_clipnorm, 0.0, 1e6, low_open=True)
-        integer("batch_size", self.batch_size, 1, 65_536)
-        integer("epochs", self.epochs, 1)
-        integer("steps_per_epoch", self.steps_per_epoch, 1)
         if self.warmup_steps >= self.total_steps:
             raise ConfigError(
                 f"warmup_steps={self.warmup_steps} must be smaller than the total number of "
                 f"steps (epochs * steps_per_epoch = {self.total_steps})"
             )
-        real("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
-        choice("precision", self.precision, PRECISIONS)
-        choice("strategy", self.strategy, distribute.STRATEGIES)
-        integer("seed", self.seed, 0, 2**31 - 1)
-        self._validate_model_kind(choice)
-        integer("sample_steps", self.sample_steps, 1, self.num_timesteps)
-        real("eta", self.eta, 0.0, 1e3)
-        if self.num_samples is not None:
-            integer("num_samples", self.num_samples, 1, 65_536)
+        if self.sample_steps > self.num_timesteps:
+            raise ConfigError(f"sample_steps={self.sample_steps} is not valid; it must be an "
+                              f"integer in [1, {self.num_timesteps}] (num_timesteps)")
+        self._validate_model_kind()
         return self
 
-    def _validate_model_kind(self, choice) -> None:
+    def _validate_model_kind(self) -> None:
         """The options that depend on ``model`` (what each kind of model supports)."""
-        choice("model", self.model, MODELS)
-        choice("sampler", self.sampler, SAMPLER_CHOICES)
         if self.sampler != "auto" and self.sampler not in MODEL_SAMPLERS[self.model]:
             raise ConfigError(f"sampler={self.sampler!r} does not sample a model={self.model!r}; "
                               f"choose one of: {', '.join(('auto', *MODEL_SAMPLERS[self.model]))}")
         if self.model == "score_sde":
-            choice("sde", self.sde, sde.SDE_NAMES)
             if self.timestep_sampler != "uniform":
                 raise ConfigError("model='score_sde' draws continuous times t ~ U(eps, 1): "
                                   "timestep_sampler must be 'uniform'")
@@ -318,6 +242,167 @@ class TrainConfig:
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read the run config {path}: {err}") from err
         return cls.from_dict(values)
+
+
+# -- option rules ----------------------------------------------------------------
+def _format_bound(value) -> str:
+    return f"{value:g}" if isinstance(value, float) and abs(value) >= 1e5 else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A numeric option: ``kind`` (``int`` or ``float``; bools are not numbers here) in
+    ``[low, high]`` (``low_open``/``high_open``: that end excluded); ``optional``: None
+    is allowed too (it means "off" or "the default", see the option's help)."""
+
+    kind: type
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        what = "an integer" if self.kind is int else "a finite number"
+        return (f"{what} in {lo}{_format_bound(self.low)}, {_format_bound(self.high)}{hi}"
+                + (" or none" if self.optional else ""))
+
+    def accepts(self, value) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind is int and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def check(self, option: str, value) -> None:
+        if not self.accepts(value):
+            raise ConfigError(f"{option}={value!r} is not valid; it must be {self.describe()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A named option: one of ``choices``."""
+
+    choices: tuple
+
+    def describe(self) -> str:
+        return "one of: " + ", ".join(self.choices)
+
+    def check(self, option: str, value) -> None:
+        if not isinstance(value, str) or value not in self.choices:
+            raise ConfigError(f"{option}={value!r} is not valid; choose {self.describe()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A yes/no option (``True`` or ``False``)."""
+
+    def describe(self) -> str:
+        return "true or false"
+
+    def check(self, option: str, value) -> None:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{option}={value!r} is not valid; it must be true or false")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """A list of integers, each in ``item`` (``min_length`` entries at least)."""
+
+    item: Range
+    min_length: int = 0
+    max_length: int = 8
+
+    def describe(self) -> str:
+        count = (f"{self.min_length} to {self.max_length}" if self.min_length
+                 else f"at most {self.max_length}")
+        return f"a list of {count} integers, each in [{self.item.low}, {self.item.high}]"
+
+    def check(self, option: str, value) -> None:
+        ok = isinstance(value, (tuple, list)) and (
+            self.min_length <= len(value) <= self.max_length) and all(
+            self.item.accepts(v) for v in value)
+        if not ok:
+            raise ConfigError(f"{option}={value!r} is not valid; it must be {self.describe()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+    """A file system path, or None."""
+
+    def describe(self) -> str:
+        return "a path or none"
+
+    def check(self, option: str, value) -> None:
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{option}={value!r} is not valid; it must be {self.describe()}")
+
+
+_UNIT = Range(float, 0.0, 1.0)
+_FRACTION_OPEN = Range(float, 0.0, 1.0, high_open=True)
+_PERIOD = Range(int, 1, 1_000_000)
+# The rule of every TrainConfig option (tests/test_config.py checks that none is missing).
+# Size limits keep a typo from allocating a model or a request that cannot fit.
+OPTION_RULES = {
+    "dataset": Choice(data_lib.DATASETS),
+    "data_dir": Path(),
+    "num_train": Range(int, 1, 100_000_000, optional=True),
+    "base_channels": Range(int, 1, 1024),
+    "channel_mults": Sizes(Range(int, 1, 64), min_length=1),
+    "num_res_blocks": Range(int, 1, 16),
+    "attention_resolutions": Sizes(Range(int, 1, 4096)),
+    "num_heads": Range(int, 1, 64),
+    "dropout": _FRACTION_OPEN,
+    "groups": Range(int, 1, 1024),
+    "hidden_units": Range(int, 1, 65_536),
+    "num_blocks": Range(int, 0, 64),
+    "conditional": Flag(),
+    "class_dropout": _UNIT,
+    "model": Choice(MODELS),
+    "sde": Choice(sde.SDE_NAMES),
+    "schedule": Choice(schedules.SCHEDULES),
+    "num_timesteps": Range(int, 2, 100_000),
+    "prediction_type": Choice(gd.PREDICTION_TYPES),
+    "variance_type": Choice(gd.VARIANCE_TYPES),
+    "zero_terminal_snr": Flag(),
+    "min_snr_gamma": Range(float, 0.0, 1e6, low_open=True, optional=True),
+    "vlb_weight": Range(float, 0.0, 1e6),
+    "timestep_sampler": Choice(timestep_sampling.TIMESTEP_SAMPLERS),
+    "optimizer": Choice(OPTIMIZERS),
+    "learning_rate": Range(float, 0.0, 10.0, low_open=True, optional=True),
+    "warmup_steps": Range(int, 0, 1_000_000_000),
+    "final_lr_fraction": _UNIT,
+    "weight_decay": _UNIT,
+    "momentum": Range(float, 0.0, 1.0, high_open=True, optional=True),
+    "damping": Range(float, 0.0, 1e6, low_open=True),
+    "statistics_every": _PERIOD,
+    "statistics_examples": Range(int, 1, 65_536, optional=True),
+    "inverse_every": _PERIOD,
+    "inverse_method": Choice(INVERSE_METHODS),
+    "kfac_approximation": Choice(("auto", *APPROXIMATIONS)),
+    "global_clipnorm": Range(float, 0.0, 1e6, low_open=True, optional=True),
+    "batch_size": Range(int, 1, 65_536),
+    "epochs": Range(int, 1, 1_000_000),
+    "steps_per_epoch": Range(int, 1, 10_000_000),
+    "ema_decay": _FRACTION_OPEN,
+    "nonfinite_policy": Choice(nonfinite.POLICIES),
+    "jit_compile": Flag(),
+    "precision": Choice(PRECISIONS),
+    "strategy": Choice(distribute.STRATEGIES),
+    "seed": Range(int, 0, 2**31 - 1),
+    "sampler": Choice(SAMPLER_CHOICES),
+    "sample_steps": Range(int, 1, 100_000),
+    "eta": Range(float, 0.0, 1e3),
+    "clip_x0": Flag(),
+    "num_samples": Range(int, 1, 65_536, optional=True),
+}
 
 
 # -- factories -------------------------------------------------------------------
@@ -477,7 +562,7 @@ OPTION_HELP = {
     "num_res_blocks": "U-Net residual blocks per level",
     "attention_resolutions": "spatial sizes with self-attention, comma separated (empty: none)",
     "num_heads": "attention heads",
-    "dropout": "dropout rate in residual blocks, in [0, 1)",
+    "dropout": "dropout rate in residual blocks",
     "groups": "GroupNormalization groups (must divide every level's channels)",
     "hidden_units": "MLP denoiser width (vector data)",
     "num_blocks": "MLP denoiser residual blocks (vector data)",
@@ -517,6 +602,9 @@ OPTION_HELP = {
     "epochs": "training epochs",
     "steps_per_epoch": "optimizer steps per epoch (checkpoint and log interval)",
     "ema_decay": "decay of the EMA weights used for sampling and evaluation",
+    "nonfinite_policy": "a step whose loss or gradients are NaN or inf is never applied; "
+    "then: skip (count it, warn, go on) or stop (end the run with an error; the last "
+    "checkpoint is intact)",
     "jit_compile": "compile the train step with XLA (on several replicas: each replica's "
     "forward and backward pass; alias --jit)",
     "precision": "Keras dtype policy: " + ", ".join(PRECISIONS) + " (bfloat16 compute, "

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import typing
 
-from tfngd.config import OPTION_HELP, TrainConfig
+from tfngd.config import OPTION_HELP, OPTION_RULES, Range, Sizes, TrainConfig
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -43,7 +43,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig)
         hint = hints[field.name]
         default = getattr(defaults, field.name)
         flags = ["--" + field.name.replace("_", "-"), *FLAG_ALIASES.get(field.name, ())]
-        help_text = f"{OPTION_HELP[field.name]} (default: {_show(default)})"
+        rule = OPTION_RULES[field.name]
+        allowed = f"; {rule.describe()}" if isinstance(rule, (Range, Sizes)) else ""
+        help_text = f"{OPTION_HELP[field.name]}{allowed} (default: {_show(default)})"
         if hint is bool:
             kind = {"action": argparse.BooleanOptionalAction}
         elif hint == tuple[int, ...]:
