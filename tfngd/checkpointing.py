@@ -4,9 +4,15 @@ A checkpoint is a Keras ``.weights.h5`` file holding every variable of the
 model (denoiser, EMA copy, timestep-sampler history) and of its optimizer
 (step count, moments), plus a small JSON pointer that names the newest
 complete file and the epoch it ends. Writes are atomic: the weights go to a
-temporary file that is renamed into place, then the pointer is replaced the
-same way, so a run killed at any moment leaves the previous checkpoint
-usable. The ``keep`` newest checkpoints are kept.
+temporary file that is flushed to disk (``fsync``) and renamed into place, then
+the pointer is replaced the same way (and the directory entry synced), so a run
+killed at any moment, or a machine that loses power, leaves the previous
+checkpoint usable; half-written temporaries of a killed save are removed by the
+next one. The ``keep`` newest checkpoints are kept.
+
+Restoring is all or nothing: a file that is corrupt or was written by another
+model configuration raises :class:`CheckpointError` naming the file, and every
+variable keeps the value it had before the attempt.
 
 Because every random draw of :class:`tfngd.model.DiffusionModel` is seeded by
 the optimizer's step and the data pipeline is step-indexed
@@ -16,22 +22,43 @@ the uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 
 import keras
+import tensorflow as tf
 
 POINTER = "checkpoint.json"
+_TEMPORARY_PREFIX = "tmp-"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (corrupt, or made by a different model)."""
 
 
+def _fsync(path: str) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def latest_checkpoint(directory: str) -> dict | None:
-    """The pointer ``{"path", "epoch", "step"}`` of the newest checkpoint, or None."""
+    """The pointer ``{"path", "epoch", "step", "sha256"}`` of the newest checkpoint, or
+    None (``sha256``: of the file as written; absent in pointers of older versions)."""
     pointer = os.path.join(directory, POINTER)
     if not os.path.exists(pointer):
         return None
@@ -66,15 +93,21 @@ def save_checkpoint(model: keras.Model, directory: str, epoch: int, keep: int = 
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return None
-    tmp = os.path.join(directory, f"tmp-{name}")
+    for stale in os.listdir(directory):  # left by a save that was killed half-way
+        if stale.startswith(_TEMPORARY_PREFIX) or stale == POINTER + ".tmp":
+            os.remove(os.path.join(directory, stale))
+    tmp = os.path.join(directory, f"{_TEMPORARY_PREFIX}{name}")
     model.save_weights(tmp)
+    _fsync(tmp)
     os.replace(tmp, os.path.join(directory, name))
     pointer_tmp = os.path.join(directory, POINTER + ".tmp")
     with open(pointer_tmp, "w") as f:
-        json.dump({"file": name, "epoch": epoch + 1, "step": step}, f)
+        json.dump({"file": name, "epoch": epoch + 1, "step": step,
+                   "sha256": _sha256(os.path.join(directory, name))}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer_tmp, os.path.join(directory, POINTER))
+    _fsync(directory)
     checkpoints = sorted(n for n in os.listdir(directory)
                          if n.startswith("ckpt-") and n.endswith(".weights.h5"))
     for old in checkpoints[:-keep]:
@@ -95,19 +128,28 @@ def restore_checkpoint(model: keras.Model, directory: str) -> dict | None:
         return None
     if model.optimizer is None:
         raise CheckpointError("compile the model before restoring a checkpoint")
+    expected = info.get("sha256")
+    if expected is not None and _sha256(info["path"]) != expected:
+        raise CheckpointError(
+            f"{info['path']} is corrupt: its SHA-256 differs from the one recorded when it was "
+            "written (truncated or overwritten); nothing was loaded")
     model.optimizer.build(model.trainable_variables)
+    variables = list({id(v): v for v in [*model.weights, *model.optimizer.variables]}.values())
+    before = [tf.convert_to_tensor(v) for v in variables]
     try:
         model.load_weights(info["path"])
+        restored_step = int(model.optimizer.iterations.numpy())
+        if restored_step != info["step"]:
+            raise CheckpointError(f"it holds optimizer step {restored_step}, its pointer says "
+                                  f"{info['step']}")
     except Exception as err:  # h5py, shape and structure errors all mean "unusable"
+        for variable, value in zip(variables, before, strict=True):  # no partial load
+            variable.assign(value)
         raise CheckpointError(
             f"cannot restore {info['path']}: {err}. The file is corrupt or was written by a "
-            "different model configuration; use a new output directory or the original config."
+            "different model configuration; use a new output directory or the original "
+            "config. Nothing was loaded."
         ) from err
-    restored_step = int(model.optimizer.iterations.numpy())
-    if restored_step != info["step"]:
-        raise CheckpointError(
-            f"{info['path']} holds optimizer step {restored_step}, its pointer says {info['step']}"
-        )
     return info
 
 
