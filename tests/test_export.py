@@ -126,12 +126,22 @@ def test_saved_model_cli_run_is_deterministic(exports, tmp_path):
     assert np.any(outputs["a"] != outputs["c"])
 
 
-@pytest.mark.parametrize("exprs, message", [
-    ("num_samples=100000;seed=7;num_steps=4", f"num_samples must be in [1, {MAX_SAMPLES}]"),
-    ("num_samples=2;seed=7;num_steps=0", f"num_steps must be in [1, {T}]"),
+@pytest.mark.parametrize("name, exprs, message", [
+    ("image", "num_samples=100000;seed=7;num_steps=4",
+     f"num_samples must be in [1, {MAX_SAMPLES}]"),
+    # 2**31 - 1 images would need 512 GiB: the range check runs before any allocation.
+    ("image", "num_samples=2147483647;seed=7;num_steps=4",
+     f"num_samples must be in [1, {MAX_SAMPLES}]"),
+    ("image", "num_samples=-3;seed=7;num_steps=4", f"num_samples must be in [1, {MAX_SAMPLES}]"),
+    ("image", "num_samples=2;seed=7;num_steps=0", f"num_steps must be in [1, {T}]"),
+    ("image", "num_samples=2;seed=7;num_steps=-1", f"num_steps must be in [1, {T}]"),
+    ("conditional", "num_samples=2;seed=7;num_steps=4;label=3;guidance_scale=1.0",
+     "label must be in [0, 2]"),
+    ("conditional", "num_samples=2;seed=7;num_steps=4;label=1;guidance_scale=-1.0",
+     "guidance_scale must be finite and >= 0"),
 ])
-def test_saved_model_cli_rejects_bad_requests(exports, tmp_path, exprs, message):
-    result = _saved_model_cli(exports["image"], exprs, tmp_path / "out")
+def test_saved_model_cli_rejects_bad_requests(exports, tmp_path, name, exprs, message):
+    result = _saved_model_cli(exports[name], exprs, tmp_path / "out")
     assert result.returncode != 0
     assert "InvalidArgumentError" in result.stderr and message in result.stderr, \
         result.stderr[-3000:]
@@ -316,6 +326,19 @@ def test_bad_export_arguments(vector_model, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         export.export_sampler(vector_model, str(tmp_path / "m" / "1"), **kwargs)
     assert not (tmp_path / "m" / "1").exists()
+
+
+def test_weights_that_are_not_finite_are_not_exported(tmp_path):
+    keras.utils.set_random_seed(3)
+    model = DiffusionModel(build_mlp_denoiser(2, hidden_units=8, num_blocks=1),
+                           GaussianDiffusion("linear", T))
+    weight = model.ema_denoiser.weights[0]
+    value = weight.numpy()
+    value.flat[1] = np.nan
+    weight.assign(value)
+    with pytest.raises(ValueError, match=r"1 non-finite value.*" + weight.path):
+        export.export_sampler(model, str(tmp_path / "m" / "1"))
+    assert not (tmp_path / "m").exists()
 
 
 def test_uint8_output_needs_an_image_model(vector_model, tmp_path):

@@ -122,6 +122,20 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     return int(value)
 
 
+def _check_finite_weights(network) -> None:
+    """ValueError naming every weight of ``network`` that holds a NaN or an infinity."""
+    bad = {}
+    for weight in network.weights:
+        count = int(np.size(weight) - np.isfinite(tf.convert_to_tensor(weight).numpy()).sum())
+        if count:
+            bad[weight.path] = count
+    if bad:
+        raise ValueError(
+            f"the EMA weights hold {sum(bad.values())} non-finite value(s) (NaN or inf), so "
+            "the sampler would serve NaN; not exported. Weights: "
+            + ", ".join(f"{path} ({count})" for path, count in bad.items()))
+
+
 def build_serving_function(model: DiffusionModel, *, sampler: str = "ddim", eta: float = 0.0,
                            spacing: str = "trailing", clip_x0: bool = True,
                            max_samples: int = 64, max_steps: int | None = None,
@@ -227,11 +241,13 @@ def export_sampler(
         ``FileExistsError``).
 
     Raises:
-      ValueError: an argument is out of range or unknown (the message lists the choices).
+      ValueError: an argument is out of range or unknown (the message lists the choices),
+        or the EMA weights hold NaN or infinity (nothing is written).
     """
     serve, signature, metadata = build_serving_function(
         model, sampler=sampler, eta=eta, spacing=spacing, clip_x0=clip_x0,
         max_samples=max_samples, max_steps=max_steps, output=output)
+    _check_finite_weights(model.ema_denoiser)
     export_dir = os.path.abspath(os.fspath(export_dir))
     if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
         raise FileExistsError(f"{export_dir} exists and is not empty (pass overwrite=True)")
