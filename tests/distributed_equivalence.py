@@ -43,6 +43,7 @@ COMMON = dict(hidden_units=16, num_blocks=1, base_channels=8, groups=4, channel_
 CASES = {
     "kfac_mlp": dict(dataset="checkerboard", optimizer="kfac"),
     "adam_mlp": dict(dataset="checkerboard", optimizer="adam"),
+    "ekfac_mlp": dict(dataset="checkerboard", optimizer="ekfac"),
     # The main job's statistics schedule (every 10 steps, and every step of the inverse
     # warm-up: the statistics run inside a tf.cond), factors from 8 examples per replica.
     "kfac_unet": dict(dataset="digits", optimizer="kfac", attention_resolutions=(4,),

@@ -34,7 +34,7 @@ def equivalence(tmp_path_factory):
     return {**json.loads(output.read_text()), "stderr": result.stderr}
 
 
-@pytest.mark.parametrize("case", ["kfac_mlp", "adam_mlp", "kfac_unet", "kfac_ndm",
+@pytest.mark.parametrize("case", ["kfac_mlp", "adam_mlp", "ekfac_mlp", "kfac_unet", "kfac_ndm",
                                   "kfac_unet_xla", "adam_mlp_nan", "kfac_mlp_nan"])
 def test_two_replicas_train_the_model_one_device_trains(equivalence, case):
     """After 4 steps on the same global batches (clipping active at every step,

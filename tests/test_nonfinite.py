@@ -86,11 +86,12 @@ def _assert_same_state(model, reference):
     {"optimizer": "adam"},
     {"optimizer": "sgd", "global_clipnorm": None},
     {"optimizer": "kfac"},
+    {"optimizer": "ekfac"},
     {"optimizer": "kfac", "model": "ndm", "prediction_type": "x0", "num_timesteps": 20,
      "sample_steps": 20},
     {"optimizer": "adam", "model": "score_sde", "timestep_sampler": "uniform",
      "sampler": "ode"},
-], ids=["adam", "sgd", "kfac", "kfac-ndm", "adam-score-sde"])
+], ids=["adam", "sgd", "kfac", "ekfac", "kfac-ndm", "adam-score-sde"])
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_a_nonfinite_batch_is_skipped_whole(changes, value):
     tf.config.experimental.enable_op_determinism()
@@ -104,7 +105,7 @@ def test_a_nonfinite_batch_is_skipped_whole(changes, value):
     assert np.isfinite(history["loss"][-1]) and np.isfinite(history["grad_norm"][-1])
     assert history["nonfinite_steps"][-1] == 1
     _assert_same_state(model, _reference(config, splits, batches))
-    if config.optimizer == "kfac":  # K-FAC's own all-or-nothing check skipped the update
+    if config.optimizer in ("kfac", "ekfac"):  # K-FAC's own all-or-nothing check skipped the update
         assert int(model.optimizer.skipped_updates.numpy()) == 1
 
 

@@ -27,10 +27,11 @@ from tfngd.ndm import REVERSE_PARAMETERISATIONS, NeuralDiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
 from tfngd.optimizers.curvature_blocks import APPROXIMATIONS, INVERSE_METHODS
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "kfac")
+OPTIMIZERS = ("adam", "adamw", "sgd", "kfac", "ekfac")
 # Peak learning rate of each optimizer when --learning-rate is not given: Adam's and K-FAC's
 # were compared on the main job (docs/kfac.md, section 7); SGD's is a starting point only.
-DEFAULT_LEARNING_RATES = {"adam": 2e-3, "adamw": 2e-3, "sgd": 5e-2, "kfac": 0.1}
+DEFAULT_LEARNING_RATES = {"adam": 2e-3, "adamw": 2e-3, "sgd": 5e-2, "kfac": 0.1,
+                          "ekfac": 0.1}
 # What is trained: a discrete-time DDPM (tfngd.model), a continuous-time score model on an SDE
 # (tfngd.sde), or a Neural Diffusion Model with a learned forward transform (tfngd.ndm).
 MODELS = ("ddpm", "score_sde", "ndm")
@@ -540,15 +541,20 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     if config.optimizer == "sgd":
         momentum = 0.9 if config.momentum is None else config.momentum
         return keras.optimizers.SGD(momentum=momentum, nesterov=True, **common)
-    if config.optimizer == "kfac":
+    if config.optimizer in ("kfac", "ekfac"):
         from tfngd.optimizers import KFAC
 
+        # EKFAC: the eigenbasis with corrected eigenvalues (eigen damping, eigh inverses).
+        ekfac = config.optimizer == "ekfac"
+        modes = ({"damping_mode": "eigen", "inverse_method": "eigh",
+                  "eigenvalue_correction": True} if ekfac
+                 else {"inverse_method": config.inverse_method})
         return KFAC(damping=config.damping, statistics_every=config.statistics_every,
                     statistics_examples=config.statistics_examples,
-                    inverse_every=config.inverse_every, inverse_method=config.inverse_method,
+                    inverse_every=config.inverse_every,
                     approximation=config.kfac_approximation_used,
                     momentum=0.5 if config.momentum is None else config.momentum,
-                    seed=config.seed, **common)
+                    seed=config.seed, **modes, **common)
     raise ConfigError(f"optimizer={config.optimizer!r} is not valid; choose one of: "
                       f"{', '.join(OPTIMIZERS)}")
 
@@ -578,7 +584,8 @@ OPTION_HELP = {
     "L_simple + lambda L_vlb (Nichol & Dhariwal: 0.001); learned_range only, ignored otherwise",
     "timestep_sampler": "training timestep sampler: "
     + ", ".join(timestep_sampling.TIMESTEP_SAMPLERS),
-    "optimizer": f"optimizer: {', '.join(OPTIMIZERS)}",
+    "optimizer": f"optimizer: {', '.join(OPTIMIZERS)} (ekfac: K-FAC with eigenvalue "
+    "correction, George et al. 2018; it ignores inverse_method)",
     "learning_rate": "peak learning rate (after warm-up; cosine decay afterwards); 'none': the "
     "optimizer's default, "
     + ", ".join(f"{name} {rate:g}" for name, rate in DEFAULT_LEARNING_RATES.items()),

@@ -9,7 +9,7 @@ optimizer   image tasks (U-Net), ``GRIDS``       2-D tasks (MLP), ``POINT_GRIDS`
 ==========  ===================================  ==================================
 adam/adamw  lr 5e-4, 1e-3, 2e-3, 4e-3            lr 1e-3, 2e-3, 4e-3, 8e-3
 sgd         lr 0.01, 0.03, 0.1, 0.3              lr 0.03, 0.1, 0.3, 1.0
-kfac        lr {0.03, 0.1} x damping {1e-3, 1e-2}  lr {0.1, 0.3} x damping {1e-3, 1e-2}
+kfac/ekfac  lr {0.03, 0.1} x damping {1e-3, 1e-2}  lr {0.1, 0.3} x damping {1e-3, 1e-2}
 ==========  ===================================  ==================================
 
 (SGD: Nesterov momentum 0.9, the config's default; the 2-D grids sit higher
@@ -44,12 +44,14 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "adamw": {"learning_rate": (5e-4, 1e-3, 2e-3, 4e-3)},
     "sgd": {"learning_rate": (0.01, 0.03, 0.1, 0.3)},
     "kfac": {"learning_rate": (0.03, 0.1), "damping": (1e-3, 1e-2)},
+    "ekfac": {"learning_rate": (0.03, 0.1), "damping": (1e-3, 1e-2)},
 }
 POINT_GRIDS: dict[str, dict[str, tuple]] = {
     "adam": {"learning_rate": (1e-3, 2e-3, 4e-3, 8e-3)},
     "adamw": {"learning_rate": (1e-3, 2e-3, 4e-3, 8e-3)},
     "sgd": {"learning_rate": (0.03, 0.1, 0.3, 1.0)},
     "kfac": {"learning_rate": (0.1, 0.3), "damping": (1e-3, 1e-2)},
+    "ekfac": {"learning_rate": (0.1, 0.3), "damping": (1e-3, 1e-2)},
 }
 GRID_TABLES = {"images": GRIDS, "points": POINT_GRIDS}
 DEFAULT_NGD_GRID: dict[str, tuple] = {"learning_rate": (0.01, 0.03, 0.1, 0.3)}

@@ -27,7 +27,8 @@ from tfngd.bench import analysis, grids, protocol, tasks
 from tfngd.bench.benchmark import read_benchmark
 from tfngd.bench.trials import TrialStore, clean_json, spec_key, write_json
 
-COLORS = {"adam": "tab:blue", "adamw": "tab:cyan", "sgd": "tab:green", "kfac": "tab:red"}
+COLORS = {"adam": "tab:blue", "adamw": "tab:cyan", "sgd": "tab:green", "kfac": "tab:red",
+          "ekfac": "tab:purple"}
 EXTRA_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:gray")
 # Optimizer settings that are not tuned, shown per optimizer (from the trial files).
 FIXED_KEYS = ("global_clipnorm", "final_lr_fraction", "momentum", "weight_decay")

@@ -102,6 +102,8 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from tfngd.nonfinite import all_finite
+
 DAMPING_MODES = ("pi", "eigen")
 INVERSE_METHODS = ("eigh", "cholesky")
 APPROXIMATIONS = ("expand", "reduce", "per_example")
@@ -113,11 +115,6 @@ _TINY = 1e-30
 
 def _float32(x):
     return tf.cast(x, tf.float32)
-
-
-def _all_finite(tensors) -> tf.Tensor:
-    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
-    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
 def symmetric_eigh(matrix):
@@ -133,11 +130,11 @@ def symmetric_eigh(matrix):
     """
     matrix = _float32(matrix)
     symmetric = 0.5 * (matrix + tf.transpose(matrix))
-    ok = _all_finite([symmetric])
+    ok = all_finite([symmetric])
     identity = tf.eye(tf.shape(symmetric)[0], dtype=tf.float32)
     symmetric = tf.where(ok, symmetric, identity)
     values, vectors = tf.linalg.eigh(symmetric)
-    fell_back = tf.logical_and(ok, tf.logical_not(_all_finite([values, vectors])))
+    fell_back = tf.logical_and(ok, tf.logical_not(all_finite([values, vectors])))
     values = tf.where(fell_back, tf.linalg.diag_part(symmetric), values)
     vectors = tf.where(fell_back, identity, vectors)
     return tf.maximum(values, 0.0), vectors, ok, fell_back
@@ -155,10 +152,10 @@ def damped_cholesky_inverse(matrix, shift):
     identity = tf.eye(tf.shape(symmetric)[0], dtype=tf.float32)
     jitter = _CHOLESKY_JITTER * tf.maximum(tf.reduce_max(tf.linalg.diag_part(symmetric)), _TINY)
     damped = symmetric + (shift + jitter) * identity
-    ok = _all_finite([damped])
+    ok = all_finite([damped])
     inverse = tf.linalg.cholesky_solve(tf.linalg.cholesky(tf.where(ok, damped, identity)),
                                        identity)
-    return inverse, tf.logical_and(ok, _all_finite([inverse]))
+    return inverse, tf.logical_and(ok, all_finite([inverse]))
 
 
 def pi_split(a_factor, g_factor):
@@ -170,9 +167,10 @@ def pi_split(a_factor, g_factor):
     return tf.sqrt(ratio)
 
 
-def validate_modes(damping_mode: str, inverse_method: str, approximation: str = "expand") -> None:
+def validate_modes(damping_mode: str, inverse_method: str, approximation: str = "expand",
+                   eigenvalue_correction: bool = False) -> None:
     """Raise a ``ValueError`` for an unknown or incompatible damping mode / inverse method
-    / Kronecker approximation."""
+    / Kronecker approximation / eigenvalue correction (EKFAC)."""
     if approximation not in APPROXIMATIONS:
         raise ValueError(f"approximation must be one of {APPROXIMATIONS}, got {approximation!r}")
     if damping_mode not in DAMPING_MODES:
@@ -183,6 +181,10 @@ def validate_modes(damping_mode: str, inverse_method: str, approximation: str = 
     if inverse_method == "cholesky" and damping_mode != "pi":
         raise ValueError("inverse_method='cholesky' needs damping_mode='pi' (the eigen mode "
                          "damps in the eigenbasis)")
+    if eigenvalue_correction and (damping_mode != "eigen" or inverse_method != "eigh"):
+        raise ValueError("eigenvalue_correction (EKFAC) rescales the factors' eigenbasis: it "
+                         "needs damping_mode='eigen' and inverse_method='eigh', got "
+                         f"{damping_mode!r} and {inverse_method!r}")
 
 
 def _state_name(layer, suffix: str) -> str:
@@ -201,16 +203,17 @@ class CurvatureBlock:
     layer_type: type = keras.layers.Layer
 
     def __init__(self, layer, damping_mode: str = "pi", inverse_method: str = "eigh",
-                 approximation: str = "expand"):
+                 approximation: str = "expand", eigenvalue_correction: bool = False):
         reason = self.unsupported_reason(layer)
         if reason is not None:
             raise NotImplementedError(f"{type(self).__name__} cannot model layer "
                                       f"'{layer.path}': {reason}")
-        validate_modes(damping_mode, inverse_method, approximation)
+        validate_modes(damping_mode, inverse_method, approximation, eigenvalue_correction)
         self.layer = layer
         self.damping_mode = damping_mode
         self.inverse_method = inverse_method
         self.approximation = approximation
+        self.eigenvalue_correction = bool(eigenvalue_correction)
         self.variables: list = []
 
     @classmethod
@@ -336,8 +339,9 @@ class KroneckerFactoredBlock(CurvatureBlock):
     """
 
     def __init__(self, layer, damping_mode: str = "pi", inverse_method: str = "eigh",
-                 approximation: str = "expand"):
-        super().__init__(layer, damping_mode, inverse_method, approximation)
+                 approximation: str = "expand", eigenvalue_correction: bool = False):
+        super().__init__(layer, damping_mode, inverse_method, approximation,
+                         eigenvalue_correction)
         self.has_bias = layer.bias is not None
         self.variables = [layer.kernel] + ([layer.bias] if self.has_bias else [])
         kernel_shape = tuple(layer.kernel.shape)
@@ -372,6 +376,12 @@ class KroneckerFactoredBlock(CurvatureBlock):
             self.a_eigenvalues = add((d_a,), "A_eigenvalues")
             self.g_eigenvectors = add((d_g, d_g), "G_eigenvectors")
             self.g_eigenvalues = add((d_g,), "G_eigenvalues")
+        if self.eigenvalue_correction:
+            # EKFAC: the Fisher's diagonal in the Kronecker eigenbasis, the mean of the
+            # batches' estimates since the basis was last refreshed, with the Kronecker
+            # eigenvalues counted as one more estimate (sum and count).
+            self.kfe_sum = statistic((d_a, d_g), "kfe_sum")
+            self.kfe_count = statistic((), "kfe_count", "ones")
         # eigh: A min, A max, G min, G max eigenvalues; cholesky: A, G mean eigenvalue and pi.
         self.spectrum = add((4,), "spectrum")
         self.decomposition_fallbacks = optimizer.add_variable(
@@ -379,7 +389,8 @@ class KroneckerFactoredBlock(CurvatureBlock):
 
     @property
     def running_statistics(self) -> list:
-        return [self.a_factor, self.g_factor, self.positions]
+        kfe = [self.kfe_sum, self.kfe_count] if self.eigenvalue_correction else []
+        return [self.a_factor, self.g_factor, self.positions, *kfe]
 
     def cached_state(self) -> list:
         if self.damping_mode == "pi":
@@ -387,10 +398,13 @@ class KroneckerFactoredBlock(CurvatureBlock):
         return [self.a_eigenvectors, self.a_eigenvalues, self.g_eigenvectors, self.g_eigenvalues]
 
     def accumulate_statistics(self, statistics, decay) -> None:
-        a_batch, g_batch, positions = statistics
+        a_batch, g_batch, positions = statistics[:3]
         self.a_factor.assign(decay * self.a_factor + (1.0 - decay) * a_batch)
         self.g_factor.assign(decay * self.g_factor + (1.0 - decay) * g_batch)
         self.positions.assign(positions)  # a shape property, not averaged
+        if self.eigenvalue_correction:  # a plain mean: the basis is only that old
+            self.kfe_sum.assign_add(statistics[3])
+            self.kfe_count.assign_add(1.0)
 
     def batch_statistics(self, inputs, output_gradients, examples=None) -> list:
         """``[A, G, R]`` of this batch (``R = 1`` for ``approximation="reduce"``).
@@ -402,9 +416,17 @@ class KroneckerFactoredBlock(CurvatureBlock):
         """
         examples = _example_count(inputs, examples)
         if self.approximation == "reduce":
-            return self._reduced_statistics(inputs, output_gradients, examples)
-        if self.approximation == "per_example":
-            return self._per_example_statistics(inputs, output_gradients, examples)
+            factors = self._reduced_statistics(inputs, output_gradients, examples)
+        elif self.approximation == "per_example":
+            factors = self._per_example_statistics(inputs, output_gradients, examples)
+        else:
+            factors = self._expanded_statistics(inputs, output_gradients, examples)
+        if self.eigenvalue_correction:
+            factors.append(self._eigenbasis_second_moments(inputs, output_gradients, examples))
+        return factors
+
+    def _expanded_statistics(self, inputs, output_gradients, examples) -> list:
+        """Expand: every row (position, call, copy) of ``a`` and ``g`` an example."""
         a_sum = tf.zeros((self.input_dim, self.input_dim), tf.float32)
         g_sum = tf.zeros((self.output_dim, self.output_dim), tf.float32)
         rows = tf.constant(0.0)
@@ -462,18 +484,41 @@ class KroneckerFactoredBlock(CurvatureBlock):
         if use_gram is None:  # one position per call (static shapes): Gram; otherwise M_n
             use_gram = all(None not in call[0].shape[1:-1] and math.prod(call[0].shape[1:-1]) == 1
                            for call in output_gradients)
-        rows = tf.concat([self._per_example_rows(self._with_bias_column(
-            self._input_rows(call_inputs)), examples) for call_inputs in inputs], axis=1)
+        rows, per_probe = self._per_example_matrices(inputs, output_gradients, examples)
         m_m_t = tf.zeros((self.input_dim, self.input_dim), tf.float32)
         m_t_m = tf.zeros((self.output_dim, self.output_dim), tf.float32)
-        for probe in range(len(output_gradients[0])):
-            gradients = tf.concat([self._per_example_rows(tf.reshape(
-                _float32(call[probe]), (tf.shape(call[probe])[0], -1, self.output_dim)),
-                examples) for call in output_gradients], axis=1)
+        for gradients in per_probe:
             products = (_products_through_gram if use_gram
                         else _products_through_matrices)(rows, gradients)
             m_m_t, m_t_m = m_m_t + products[0], m_t_m + products[1]
         return [m_m_t / count, m_t_m / count, tf.constant(1.0)]
+
+    def _per_example_matrices(self, inputs, output_gradients, examples):
+        """``(rows, [gradients per probe])``: ``[N, P, d_in]`` and ``[N, P, d_out]``, the
+        rows of every call, copy and position of each example (``M_n = rows_n^T g_n``)."""
+        rows = tf.concat([self._per_example_rows(self._with_bias_column(
+            self._input_rows(call_inputs)), examples) for call_inputs in inputs], axis=1)
+        gradients = [tf.concat([self._per_example_rows(tf.reshape(
+            _float32(call[probe]), (tf.shape(call[probe])[0], -1, self.output_dim)),
+            examples) for call in output_gradients], axis=1)
+            for probe in range(len(output_gradients[0]))]
+        return rows, gradients
+
+    def _eigenbasis_second_moments(self, inputs, output_gradients, examples) -> tf.Tensor:
+        """EKFAC (George et al. 2018): ``s = 1/N sum_probes sum_n (Q_A^T M_n Q_G)^2``, the
+        diagonal of the per-example Fisher ``1/N sum_n vec(M_n) vec(M_n)^T`` in the current
+        Kronecker eigenbasis ``Q_A kron Q_G`` (every position of an example summed into
+        ``M_n``). Its best-in-Frobenius-norm diagonal there, where K-FAC uses
+        ``R lambda_A lambda_G`` (equal when ``a`` and ``g`` are independent and positions
+        uncorrelated). Costs ``P (d_in^2 + d_out^2) + P d_in d_out`` per example."""
+        count = tf.maximum(tf.cast(examples, tf.float32), 1.0)
+        rows, gradients = self._per_example_matrices(inputs, output_gradients, examples)
+        rows = tf.einsum("npi,ia->npa", rows, self.a_eigenvectors)
+        total = tf.zeros((self.input_dim, self.output_dim), tf.float32)
+        for probe in gradients:
+            probe = tf.einsum("npo,og->npg", probe, self.g_eigenvectors)
+            total += tf.reduce_sum(tf.square(tf.einsum("npa,npg->nag", rows, probe)), axis=0)
+        return total / count
 
     #: Force the per-example products through ``M_n`` (False) or the Gram matrices (True);
     #: None: Gram for layers with one position per call (tests set it to compare the two).
@@ -499,7 +544,7 @@ class KroneckerFactoredBlock(CurvatureBlock):
         the EMA bias ``correction``) or from one batch's ``statistics``. For
         ``approximation="per_example"`` the stored moments are normalised here:
         ``A = S_A / sqrt(tau)``, ``G = S_G / sqrt(tau)`` with ``tau = tr S_A = tr S_G``."""
-        a, g, positions = statistics if statistics is not None else self.running_statistics
+        a, g, positions = (statistics if statistics is not None else self.running_statistics)[:3]
         a, g = a * correction, g * correction
         if self.approximation == "per_example":
             root = tf.sqrt(tf.maximum(tf.linalg.trace(a), _TINY))
@@ -520,11 +565,14 @@ class KroneckerFactoredBlock(CurvatureBlock):
             root = tf.sqrt(damping / self.positions)
             a_inverse = tf.matmul(a_vectors / (a_values + pi * root), a_vectors, transpose_b=True)
             g_inverse = tf.matmul(g_vectors / (g_values + root / pi), g_vectors, transpose_b=True)
-            ok = tf.logical_and(ok, _all_finite([a_inverse, g_inverse]))
+            ok = tf.logical_and(ok, all_finite([a_inverse, g_inverse]))
             new_state = [(self.a_inverse, a_inverse), (self.g_inverse, g_inverse)]
         else:
             new_state = [(self.a_eigenvectors, a_vectors), (self.a_eigenvalues, a_values),
                          (self.g_eigenvectors, g_vectors), (self.g_eigenvalues, g_values)]
+            if self.eigenvalue_correction:  # a new basis: start from K-FAC's eigenvalues
+                new_state += [(self.kfe_sum, self.positions * a_values[:, None]
+                               * g_values[None, :]), (self.kfe_count, tf.constant(1.0))]
         extremes = tf.stack([tf.reduce_min(a_values), tf.reduce_max(a_values),
                              tf.reduce_min(g_values), tf.reduce_max(g_values)])
         new_state.append((self.spectrum, extremes))
@@ -575,9 +623,15 @@ class KroneckerFactoredBlock(CurvatureBlock):
         else:
             q_a, q_g = self.a_eigenvectors, self.g_eigenvectors
             rotated = tf.matmul(q_a, grad, transpose_a=True) @ q_g
-            scale = self.positions * self.a_eigenvalues[:, None] * self.g_eigenvalues[None, :]
+            scale = (self.eigenbasis_scale() if self.eigenvalue_correction else
+                     self.positions * self.a_eigenvalues[:, None] * self.g_eigenvalues[None, :])
             update = q_a @ tf.matmul(rotated / (scale + damping), q_g, transpose_b=True)
         return self._split(update)
+
+    def eigenbasis_scale(self) -> tf.Tensor:
+        """EKFAC's curvature ``s`` in the eigenbasis (``[d_in, d_out]``): the mean of the
+        Kronecker eigenvalues at the last refresh and the batches' estimates since."""
+        return self.kfe_sum / tf.maximum(self.kfe_count, 1.0)
 
     def diagnostics(self) -> dict:
         names = (("A_mean_eig", "G_mean_eig", "pi") if self.inverse_method == "cholesky"
@@ -652,8 +706,11 @@ class GroupNormBlock(CurvatureBlock):
         return None
 
     def __init__(self, layer, damping_mode: str = "pi", inverse_method: str = "eigh",
-                 approximation: str = "expand"):
-        super().__init__(layer, damping_mode, inverse_method, approximation)
+                 approximation: str = "expand", eigenvalue_correction: bool = False):
+        # Its diagonal Fisher is already exact in its (the coordinate) basis: the eigenvalue
+        # correction has nothing to correct.
+        super().__init__(layer, damping_mode, inverse_method, approximation,
+                         eigenvalue_correction)
         self.variables = ([layer.gamma] if layer.scale else []) + (
             [layer.beta] if layer.center else [])
         self.channels = int(self.variables[0].shape[0])

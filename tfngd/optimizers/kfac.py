@@ -174,6 +174,13 @@ class KFAC(keras.optimizers.Optimizer):
         times whose outputs are differenced before the loss, as in Neural Diffusion
         Models, where expand and reduce are off by orders of magnitude). See
         :mod:`tfngd.optimizers.curvature_blocks`. Defaults to ``"expand"``.
+      eigenvalue_correction: EKFAC (George et al. 2018): keep K-FAC's eigenbasis
+        ``Q_A kron Q_G`` but replace its eigenvalues ``R lambda_A lambda_G`` by the
+        Fisher's diagonal in that basis, ``s = E_n[(Q_A^T M_n Q_G)^2]`` from the
+        per-example gradient matrices ``M_n``, averaged over the statistics steps
+        since the last basis refresh; the update is ``Q_A ((Q_A^T dW Q_G) / (s +
+        lambda)) Q_G^T``. Needs ``damping_mode="eigen"`` and ``inverse_method="eigh"``.
+        Defaults to False.
       fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see above). Defaults to ``"mc"``.
       mc_samples: probes per example for ``fisher="mc"``. Defaults to 1.
       statistics_examples: fold only the first ``M`` examples of each batch into
@@ -227,6 +234,7 @@ class KFAC(keras.optimizers.Optimizer):
         damping_mode: str = "pi",
         inverse_method: str = "eigh",
         approximation: str = "expand",
+        eigenvalue_correction: bool = False,
         fisher: str = "mc",
         mc_samples: int = 1,
         statistics_examples: int | None = None,
@@ -267,7 +275,7 @@ class KFAC(keras.optimizers.Optimizer):
         )
         if gradient_accumulation_steps:
             raise NotImplementedError("KFAC does not support gradient_accumulation_steps")
-        validate_modes(damping_mode, inverse_method, approximation)
+        validate_modes(damping_mode, inverse_method, approximation, eigenvalue_correction)
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
         if not damping > 0:
@@ -293,6 +301,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.damping_mode = damping_mode
         self.inverse_method = inverse_method
         self.approximation = approximation
+        self.eigenvalue_correction = bool(eigenvalue_correction)
         self.fisher = fisher
         self.mc_samples = int(mc_samples)
         self.statistics_examples = None if statistics_examples is None else int(statistics_examples)
@@ -350,7 +359,7 @@ class KFAC(keras.optimizers.Optimizer):
         var_keys = {self._var_key(v) for v in var_list}
         for layer in registration.resolve_layers():
             block = block_type_for(layer)(layer, self.damping_mode, self.inverse_method,
-                                          self.approximation)
+                                          self.approximation, self.eigenvalue_correction)
             if not all(self._var_key(v) in var_keys for v in block.variables):
                 continue  # not (entirely) trained by this optimizer: first-order fallback
             registration.blocks.append(block)
@@ -791,6 +800,7 @@ class KFAC(keras.optimizers.Optimizer):
             "damping_mode": self.damping_mode,
             "inverse_method": self.inverse_method,
             "approximation": self.approximation,
+            "eigenvalue_correction": self.eigenvalue_correction,
             "fisher": self.fisher,
             "mc_samples": self.mc_samples,
             "statistics_examples": self.statistics_examples,
