@@ -46,6 +46,17 @@ def _assert_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+def _assert_refused_and_untouched(model, directory, path, match) -> str:
+    """Restoring raises CheckpointError naming ``path`` and changes no variable of
+    ``model``; returns the message."""
+    before = _state(model)
+    with pytest.raises(checkpointing.CheckpointError, match=match) as err:
+        checkpointing.restore_checkpoint(model, directory)
+    assert path in str(err.value)
+    _assert_equal(_state(model), before)
+    return str(err.value)
+
+
 @pytest.fixture
 def saved(tmp_path):
     model = _trained()
@@ -115,12 +126,7 @@ def test_a_damaged_file_is_refused_by_name_and_nothing_is_loaded(saved, damage):
     else:
         data[len(data) // 2] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    fresh = _fresh()
-    before = _state(fresh)
-    with pytest.raises(checkpointing.CheckpointError, match="is corrupt") as err:
-        checkpointing.restore_checkpoint(fresh, directory)
-    assert path in str(err.value)
-    _assert_equal(_state(fresh), before)
+    _assert_refused_and_untouched(_fresh(), directory, path, "is corrupt")
 
 
 def test_a_damaged_file_without_a_recorded_digest_still_fails_cleanly(saved):
@@ -132,12 +138,8 @@ def test_a_damaged_file_without_a_recorded_digest_still_fails_cleanly(saved):
     json.dump(info, open(pointer, "w"))
     data = open(path, "rb").read()
     open(path, "wb").write(data[:len(data) // 2])
-    fresh = _fresh()
-    before = _state(fresh)
-    with pytest.raises(checkpointing.CheckpointError, match="cannot restore") as err:
-        checkpointing.restore_checkpoint(fresh, directory)
-    assert path in str(err.value) and "Nothing was loaded" in str(err.value)
-    _assert_equal(_state(fresh), before)
+    message = _assert_refused_and_untouched(_fresh(), directory, path, "cannot restore")
+    assert "Nothing was loaded" in message
 
 
 @pytest.mark.parametrize("changes", [{"num_blocks": 3}, {"hidden_units": 32},
@@ -145,13 +147,8 @@ def test_a_damaged_file_without_a_recorded_digest_still_fails_cleanly(saved):
 def test_a_checkpoint_of_another_configuration_is_refused_and_nothing_is_loaded(saved,
                                                                                 changes):
     _, directory, path = saved
-    other = _fresh(dataclasses.replace(CONFIG, **changes))
-    before = _state(other)
-    with pytest.raises(checkpointing.CheckpointError, match="different model configuration"
-                       ) as err:
-        checkpointing.restore_checkpoint(other, directory)
-    assert path in str(err.value)
-    _assert_equal(_state(other), before)
+    _assert_refused_and_untouched(_fresh(dataclasses.replace(CONFIG, **changes)), directory,
+                                  path, "different model configuration")
 
 
 def test_a_corrupt_pointer_or_a_missing_file_is_named(saved):

@@ -250,8 +250,26 @@ def _format_bound(value) -> str:
     return f"{value:g}" if isinstance(value, float) and abs(value) >= 1e5 else str(value)
 
 
+class Rule:
+    """What values an option takes: :meth:`accepts` and a :meth:`describe` of it for
+    messages and ``--help``; :meth:`check` raises the option's :class:`ConfigError`."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def accepts(self, value) -> bool:
+        raise NotImplementedError
+
+    def requirement(self) -> str:
+        return f"it must be {self.describe()}"
+
+    def check(self, option: str, value) -> None:
+        if not self.accepts(value):
+            raise ConfigError(f"{option}={value!r} is not valid; {self.requirement()}")
+
+
 @dataclasses.dataclass(frozen=True)
-class Range:
+class Range(Rule):
     """A numeric option: ``kind`` (``int`` or ``float``; bools are not numbers here) in
     ``[low, high]`` (``low_open``/``high_open``: that end excluded); ``optional``: None
     is allowed too (it means "off" or "the default", see the option's help)."""
@@ -282,13 +300,9 @@ class Range:
         below = value < self.high if self.high_open else value <= self.high
         return above and below
 
-    def check(self, option: str, value) -> None:
-        if not self.accepts(value):
-            raise ConfigError(f"{option}={value!r} is not valid; it must be {self.describe()}")
-
 
 @dataclasses.dataclass(frozen=True)
-class Choice:
+class Choice(Rule):
     """A named option: one of ``choices``."""
 
     choices: tuple
@@ -296,26 +310,27 @@ class Choice:
     def describe(self) -> str:
         return "one of: " + ", ".join(self.choices)
 
-    def check(self, option: str, value) -> None:
-        if not isinstance(value, str) or value not in self.choices:
-            raise ConfigError(f"{option}={value!r} is not valid; choose {self.describe()}")
+    def accepts(self, value) -> bool:
+        return isinstance(value, str) and value in self.choices
+
+    def requirement(self) -> str:
+        return f"choose {self.describe()}"
 
 
 @dataclasses.dataclass(frozen=True)
-class Flag:
+class Flag(Rule):
     """A yes/no option (``True`` or ``False``)."""
 
     def describe(self) -> str:
         return "true or false"
 
-    def check(self, option: str, value) -> None:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{option}={value!r} is not valid; it must be true or false")
+    def accepts(self, value) -> bool:
+        return isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
-class Sizes:
-    """A list of integers, each in ``item`` (``min_length`` entries at least)."""
+class Sizes(Rule):
+    """A list of integers, each in ``item`` (``min_length`` to ``max_length`` entries)."""
 
     item: Range
     min_length: int = 0
@@ -326,24 +341,21 @@ class Sizes:
                  else f"at most {self.max_length}")
         return f"a list of {count} integers, each in [{self.item.low}, {self.item.high}]"
 
-    def check(self, option: str, value) -> None:
-        ok = isinstance(value, (tuple, list)) and (
+    def accepts(self, value) -> bool:
+        return isinstance(value, (tuple, list)) and (
             self.min_length <= len(value) <= self.max_length) and all(
             self.item.accepts(v) for v in value)
-        if not ok:
-            raise ConfigError(f"{option}={value!r} is not valid; it must be {self.describe()}")
 
 
 @dataclasses.dataclass(frozen=True)
-class Path:
+class Path(Rule):
     """A file system path, or None."""
 
     def describe(self) -> str:
         return "a path or none"
 
-    def check(self, option: str, value) -> None:
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"{option}={value!r} is not valid; it must be {self.describe()}")
+    def accepts(self, value) -> bool:
+        return value is None or (isinstance(value, str) and value != "")
 
 
 _UNIT = Range(float, 0.0, 1.0)
