@@ -66,7 +66,11 @@ CASES = {
 }
 # The gradient of an attention layer's key bias is exactly zero (it adds the same q . b_k
 # to every logit of a query, and softmax ignores that): only rounding noise moves it.
-EXCLUDED = ("attn/key/bias", "attn_key_bias")
+# Eigenvectors (eigen damping, EKFAC) are defined up to sign, and up to a rotation within a
+# repeated eigenvalue (the near-zero eigenvalues of a rank-deficient factor): two equally
+# right runs store different ones. What they act through is compared instead: the factors,
+# eigenvalues, EKFAC scalings and, after the updates they preconditioned, the weights.
+EXCLUDED = ("attn/key/bias", "attn_key_bias", "_eigenvectors")
 
 
 def poisoned(batches, step: int):

@@ -25,10 +25,10 @@ def test_every_optimizer_gets_an_equal_default_grid():
 
 
 def test_a_new_optimizer_name_gets_the_learning_rate_grid(monkeypatch):
-    monkeypatch.setattr(grids, "OPTIMIZERS", (*OPTIMIZERS, "ekfac"))
-    points = grids.grid_points("ekfac")
+    monkeypatch.setattr(grids, "OPTIMIZERS", (*OPTIMIZERS, "dual_ngd"))
+    points = grids.grid_points("dual_ngd")
     assert [p["learning_rate"] for p in points] == list(grids.DEFAULT_NGD_GRID["learning_rate"])
-    assert not grids.is_first_order("ekfac")
+    assert not grids.is_first_order("dual_ngd")
     with pytest.raises(ValueError, match="choose from"):
         grids.grid_points("lbfgs")
 
