@@ -304,6 +304,7 @@ def apply_gradients_if_finite(optimizer, gradients: list, variables: list, loss)
         optimizer.build(variables)
     mean, mean_loss = all_reduce_mean((gradients, loss))
     finite = nonfinite.all_finite([mean_loss, *mean])
+    guards_itself = getattr(optimizer, "skips_nonfinite_updates", False)
     context = _replica_context()
     if context is None:
         def apply():
@@ -314,7 +315,7 @@ def apply_gradients_if_finite(optimizer, gradients: list, variables: list, loss)
             optimizer.iterations.assign_add(1)
             return tf.constant(False)
 
-        if getattr(optimizer, "skips_nonfinite_updates", False):
+        if guards_itself:
             apply()
         else:
             tf.cond(finite, apply, skip)
@@ -325,11 +326,11 @@ def apply_gradients_if_finite(optimizer, gradients: list, variables: list, loss)
                                   "replicas; use the mixed_bfloat16 policy, which needs none")
     share = 1.0 / context.num_replicas_in_sync
     scaled = [None if g is None else g * share for g in clip_like(optimizer, mean)]
-    if getattr(optimizer, "skips_nonfinite_updates", False):
+    if guards_itself:
         optimizer.apply(scaled, variables)
         return mean, finite
     state = [v for v in [*variables, *optimizer.variables] if v is not optimizer.iterations]
-    before = [tf.identity(tf.convert_to_tensor(v)) for v in state]
+    before = [tf.convert_to_tensor(v) for v in state]  # read before the update writes
     with tf.control_dependencies(before):
         optimizer.apply(scaled, variables)
 
