@@ -27,11 +27,16 @@ from tfngd.ndm import REVERSE_PARAMETERISATIONS, NeuralDiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
 from tfngd.optimizers.curvature_blocks import APPROXIMATIONS, INVERSE_METHODS
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "kfac", "ekfac")
+OPTIMIZERS = ("adam", "adamw", "sgd", "kfac", "ekfac", "dual", "dual_empirical", "stein",
+              "kwng")
+# The sample-space natural-gradient optimizers (tfngd.optimizers.SampleSpaceNGD) and the
+# metric of each (docs/ngd-variants.md).
+SAMPLE_SPACE_METRICS = {"dual": "gauss_newton", "dual_empirical": "empirical",
+                        "stein": "stein", "kwng": "wasserstein_kernel"}
 # Peak learning rate of each optimizer when --learning-rate is not given: Adam's and K-FAC's
 # were compared on the main job (docs/kfac.md, section 7); SGD's is a starting point only.
 DEFAULT_LEARNING_RATES = {"adam": 2e-3, "adamw": 2e-3, "sgd": 5e-2, "kfac": 0.1,
-                          "ekfac": 0.1}
+                          "ekfac": 0.1, **{name: 0.1 for name in SAMPLE_SPACE_METRICS}}
 # What is trained: a discrete-time DDPM (tfngd.model), a continuous-time score model on an SDE
 # (tfngd.sde), or a Neural Diffusion Model with a learned forward transform (tfngd.ndm).
 MODELS = ("ddpm", "score_sde", "ndm")
@@ -94,6 +99,8 @@ class TrainConfig:
     inverse_every: int = 100
     inverse_method: str = "cholesky"
     kfac_approximation: str = "auto"
+    cg_iterations: int = 10
+    kernel_points: int = 64
     global_clipnorm: float | None = 1.0
     batch_size: int = 64
     epochs: int = 30
@@ -400,6 +407,8 @@ OPTION_RULES = {
     "inverse_every": _PERIOD,
     "inverse_method": Choice(INVERSE_METHODS),
     "kfac_approximation": Choice(("auto", *APPROXIMATIONS)),
+    "cg_iterations": Range(int, 1, 10_000),
+    "kernel_points": Range(int, 1, 65_536),
     "global_clipnorm": Range(float, 0.0, 1e6, low_open=True, optional=True),
     "batch_size": Range(int, 1, 65_536),
     "epochs": Range(int, 1, 1_000_000),
@@ -567,6 +576,14 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
                     approximation=config.kfac_approximation_used,
                     momentum=0.5 if config.momentum is None else config.momentum,
                     seed=config.seed, **modes, **common)
+    if config.optimizer in SAMPLE_SPACE_METRICS:
+        from tfngd.optimizers import SampleSpaceNGD
+
+        return SampleSpaceNGD(metric=SAMPLE_SPACE_METRICS[config.optimizer],
+                              damping=config.damping,
+                              momentum=0.0 if config.momentum is None else config.momentum,
+                              cg_iterations=config.cg_iterations,
+                              kernel_points=config.kernel_points, **common)
     raise ConfigError(f"optimizer={config.optimizer!r} is not valid; choose one of: "
                       f"{', '.join(OPTIMIZERS)}")
 
@@ -597,7 +614,9 @@ OPTION_HELP = {
     "timestep_sampler": "training timestep sampler: "
     + ", ".join(timestep_sampling.TIMESTEP_SAMPLERS),
     "optimizer": f"optimizer: {', '.join(OPTIMIZERS)} (ekfac: K-FAC with eigenvalue "
-    "correction, George et al. 2018; it ignores inverse_method)",
+    "correction, George et al. 2018; it ignores inverse_method. dual, dual_empirical, stein, "
+    "kwng: natural gradient solved in the sample space with the Gauss-Newton, empirical "
+    "Fisher, Stein-particle or kernelised Wasserstein metric, docs/ngd-variants.md)",
     "learning_rate": "peak learning rate (after warm-up; cosine decay afterwards); 'none': the "
     "optimizer's default, "
     + ", ".join(f"{name} {rate:g}" for name, rate in DEFAULT_LEARNING_RATES.items()),
@@ -605,8 +624,10 @@ OPTION_HELP = {
     "final_lr_fraction": "learning rate at the last step, as a fraction of the peak",
     "weight_decay": "decoupled weight decay (adamw)",
     "momentum": "momentum; default 0.9 for sgd (Nesterov), 0.5 for kfac (heavy ball on the "
-    "preconditioned update; 0.9 diverged on diffusion, see docs/kfac.md)",
-    "damping": "K-FAC Tikhonov damping lambda (kfac)",
+    "preconditioned update; 0.9 diverged on diffusion, see docs/kfac.md), 0 for the "
+    "sample-space optimizers (SPRING momentum)",
+    "damping": "Tikhonov damping lambda of the natural-gradient metric (kfac, ekfac, dual, "
+    "dual_empirical, stein, kwng)",
     "statistics_every": "K-FAC curvature statistics period in steps (kfac)",
     "statistics_examples": "K-FAC: curvature statistics from the first N examples of each batch "
     "(kfac; 'none': all)",
@@ -616,7 +637,11 @@ OPTION_HELP = {
     "layers called several times): auto (per_example for ndm, else expand), expand (every "
     "position an example), reduce (positions pooled first: cheaper) or per_example (from each "
     "example's gradient matrix: right for differenced calls, as in ndm) (kfac)",
-    "global_clipnorm": "clip the global gradient norm to this value; 'none' disables",
+    "cg_iterations": "conjugate-gradient steps per update of the sample-space solve (dual, "
+    "dual_empirical, stein, kwng)",
+    "kernel_points": "Nystrom points of the kernelised Wasserstein metric (kwng)",
+    "global_clipnorm": "clip the global gradient norm to this value; 'none' disables (the "
+    "sample-space optimizers clip their direction)",
     "batch_size": "training batch size",
     "epochs": "training epochs",
     "steps_per_epoch": "optimizer steps per epoch (checkpoint and log interval)",

@@ -10,7 +10,14 @@ optimizer   image tasks (U-Net), ``GRIDS``       2-D tasks (MLP), ``POINT_GRIDS`
 adam/adamw  lr 5e-4, 1e-3, 2e-3, 4e-3            lr 1e-3, 2e-3, 4e-3, 8e-3
 sgd         lr 0.01, 0.03, 0.1, 0.3              lr 0.03, 0.1, 0.3, 1.0
 kfac/ekfac  lr {0.03, 0.1} x damping {1e-3, 1e-2}  lr {0.1, 0.3} x damping {1e-3, 1e-2}
+dual, ...   the same as kfac                      lr {0.3, 1.0} x damping {0.1, 0.3}
 ==========  ===================================  ==================================
+
+(``dual, ...``: the sample-space optimizers ``dual``, ``dual_empirical``, ``stein`` and
+``kwng``, whose damping is added to a metric of the mean loss on K-FAC's scale. Their 2-D
+grid sits higher than K-FAC's: each batch's metric has rank at most ``N D``, and a
+200-step checkerboard scan (BENCHMARKS.md) found damping 1e-3 / 1e-2 far worse and the
+best points at lr 1, damping 0.3.)
 
 (SGD: Nesterov momentum 0.9, the config's default; the 2-D grids sit higher
 because a first tuning pass with the image grids chose the largest value of
@@ -31,13 +38,14 @@ import itertools
 import math
 import typing
 
-from tfngd.config import OPTIMIZERS, TrainConfig
+from tfngd.config import OPTIMIZERS, SAMPLE_SPACE_METRICS, TrainConfig
 
 FIRST_ORDER = ("adam", "adamw", "sgd")
 
 # Optimizer hyperparameters a grid may vary (TrainConfig fields).
 TUNABLE = ("learning_rate", "damping", "momentum", "weight_decay", "statistics_every",
-           "inverse_every", "global_clipnorm", "final_lr_fraction", "kfac_approximation")
+           "inverse_every", "global_clipnorm", "final_lr_fraction", "kfac_approximation",
+           "cg_iterations", "kernel_points")
 
 GRIDS: dict[str, dict[str, tuple]] = {
     "adam": {"learning_rate": (5e-4, 1e-3, 2e-3, 4e-3)},
@@ -46,6 +54,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "kfac": {"learning_rate": (0.03, 0.1), "damping": (1e-3, 1e-2)},
     "ekfac": {"learning_rate": (0.03, 0.1), "damping": (1e-3, 1e-2)},
 }
+GRIDS.update({name: dict(GRIDS["kfac"]) for name in SAMPLE_SPACE_METRICS})
 POINT_GRIDS: dict[str, dict[str, tuple]] = {
     "adam": {"learning_rate": (1e-3, 2e-3, 4e-3, 8e-3)},
     "adamw": {"learning_rate": (1e-3, 2e-3, 4e-3, 8e-3)},
@@ -53,6 +62,8 @@ POINT_GRIDS: dict[str, dict[str, tuple]] = {
     "kfac": {"learning_rate": (0.1, 0.3), "damping": (1e-3, 1e-2)},
     "ekfac": {"learning_rate": (0.1, 0.3), "damping": (1e-3, 1e-2)},
 }
+POINT_GRIDS.update({name: {"learning_rate": (0.3, 1.0), "damping": (0.1, 0.3)}
+                    for name in SAMPLE_SPACE_METRICS})
 GRID_TABLES = {"images": GRIDS, "points": POINT_GRIDS}
 DEFAULT_NGD_GRID: dict[str, tuple] = {"learning_rate": (0.01, 0.03, 0.1, 0.3)}
 FIXED_HYPERPARAMETERS: dict[str, dict] = {"adamw": {"weight_decay": 0.01}}

@@ -28,7 +28,8 @@ from tfngd.bench.benchmark import read_benchmark
 from tfngd.bench.trials import TrialStore, clean_json, spec_key, write_json
 
 COLORS = {"adam": "tab:blue", "adamw": "tab:cyan", "sgd": "tab:green", "kfac": "tab:red",
-          "ekfac": "tab:purple"}
+          "ekfac": "tab:purple", "dual": "tab:orange", "dual_empirical": "tab:brown",
+          "stein": "tab:pink", "kwng": "tab:olive"}
 EXTRA_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:gray")
 # Optimizer settings that are not tuned, shown per optimizer (from the trial files).
 FIXED_KEYS = ("global_clipnorm", "final_lr_fraction", "momentum", "weight_decay")

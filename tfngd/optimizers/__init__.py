@@ -5,6 +5,9 @@
   forward-pass capture of their inputs and pre-activations;
 * :mod:`~tfngd.optimizers.kfac`: the ``KFAC`` optimizer (statistics, damping,
   inverses, update rule);
+* :mod:`~tfngd.optimizers.sample_space`: ``SampleSpaceNGD``, natural gradient solved in
+  the space of samples (dual Gauss-Newton, empirical Fisher, and the particle-based
+  ``stein`` and kernel-based ``wasserstein_kernel`` metrics; docs/ngd-variants.md);
 * :mod:`~tfngd.optimizers.training`: ``gradients_and_curvature`` (the K-FAC
   train-step sequence) and ``NaturalGradientModel``, whose ``train_step``
   drives the curvature updates in ``model.fit``;
@@ -16,11 +19,14 @@ from tfngd.optimizers import diagnostics
 from tfngd.optimizers.capture import LayerCall, capture_layer_calls, find_registrable_layers
 from tfngd.optimizers.curvature_blocks import Conv2DBlock, DenseBlock, GroupNormBlock
 from tfngd.optimizers.kfac import KFAC
+from tfngd.optimizers.sample_space import SampleSpaceNGD
 from tfngd.optimizers.training import (
     ForwardPass,
     NaturalGradientModel,
     gradients_and_curvature,
     kfac_of,
+    sample_space_of,
+    uses_curvature,
 )
 
 __all__ = [
@@ -31,9 +37,12 @@ __all__ = [
     "GroupNormBlock",
     "LayerCall",
     "NaturalGradientModel",
+    "SampleSpaceNGD",
     "capture_layer_calls",
     "diagnostics",
     "find_registrable_layers",
     "gradients_and_curvature",
     "kfac_of",
+    "sample_space_of",
+    "uses_curvature",
 ]

@@ -2,7 +2,9 @@
 
 With a :class:`~tfngd.optimizers.KFAC` optimizer (possibly inside Keras'
 ``LossScaleOptimizer``), ``train_step`` runs the capture / update_curvature /
-apply sequence; with any other optimizer it is Keras' ordinary step. The
+apply sequence; with :class:`~tfngd.optimizers.SampleSpaceNGD` (squared error only) it
+applies that optimizer's sample-space natural gradient; with any other optimizer it is
+Keras' ordinary step. The
 likelihood of the Fisher comes from the compiled loss:
 
 * ``MeanSquaredError`` (or ``"mse"``): Gaussian, ``l_n = s_n ||y_n - f_n||^2`` with
@@ -30,6 +32,7 @@ import tensorflow as tf
 
 from tfngd import distribute, nonfinite
 from tfngd.optimizers.kfac import KFAC
+from tfngd.optimizers.sample_space import SampleSpaceNGD
 
 _GAUSSIAN_LOSS_NAMES = ("mse", "mean_squared_error", "MeanSquaredError")
 SUPPORTED_LOSSES = (
@@ -45,6 +48,19 @@ def kfac_of(optimizer) -> KFAC | None:
         return optimizer
     inner = getattr(optimizer, "inner_optimizer", None)
     return inner if isinstance(inner, KFAC) else None
+
+
+def sample_space_of(optimizer) -> SampleSpaceNGD | None:
+    """The :class:`SampleSpaceNGD` optimizer, or None; it cannot be loss-scaled."""
+    if isinstance(getattr(optimizer, "inner_optimizer", None), SampleSpaceNGD):
+        raise NotImplementedError("SampleSpaceNGD does not support loss scaling "
+                                  "(mixed_float16); use the mixed_bfloat16 policy")
+    return optimizer if isinstance(optimizer, SampleSpaceNGD) else None
+
+
+def uses_curvature(optimizer) -> bool:
+    """Whether the train step must feed the optimizer curvature (K-FAC, sample space)."""
+    return kfac_of(optimizer) is not None or sample_space_of(optimizer) is not None
 
 
 @dataclasses.dataclass
@@ -67,15 +83,18 @@ class ForwardPass:
 
 def gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardPass],
                             jit_compile: bool = False):
-    """Gradients of ``forward().loss``; with K-FAC, also this step's curvature statistics.
+    """Gradients of ``forward().loss``; with K-FAC, also this step's curvature statistics;
+    with :class:`SampleSpaceNGD`, its natural-gradient direction in place of the gradients.
 
-    The one place that spells out the K-FAC train-step sequence (used by
+    The one place that spells out the natural-gradient train-step sequence (used by
     :class:`NaturalGradientModel`, :class:`tfngd.model.DiffusionModel` and
     :class:`tfngd.ndm.NeuralDiffusionModel`)::
 
         with persistent tape, optimizer.capture():  forward pass
         gradients = tape.gradient(scaled loss)
         kfac.update_curvature(tape, captured, outputs, likelihood, s_n, loss)
+        # or, SampleSpaceNGD: the direction it applies, from the same tape
+        gradients = optimizer.natural_gradient(tape, outputs, loss, gradients, ...)
 
     With any other optimizer it is a plain tape. ``jit_compile``: run the sequence as
     one XLA-compiled function (what a replica of a ``tf.distribute`` strategy compiles
@@ -98,9 +117,9 @@ def gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardP
 
 
 def _gradients_and_curvature(optimizer, variables, forward):
-    kfac = kfac_of(optimizer)
+    kfac, dual = kfac_of(optimizer), sample_space_of(optimizer)
     capture = kfac.capture() if kfac is not None else contextlib.nullcontext()
-    with tf.GradientTape(persistent=kfac is not None) as tape:
+    with tf.GradientTape(persistent=kfac is not None or dual is not None) as tape:
         with capture as captured:
             result = forward()
         scaled_loss = optimizer.scale_loss(result.loss)
@@ -108,6 +127,10 @@ def _gradients_and_curvature(optimizer, variables, forward):
     if kfac is not None:
         kfac.update_curvature(tape, captured, result.outputs, result.likelihood,
                               per_example_scale=result.per_example_scale, loss=result.loss)
+    if dual is not None:
+        gradients = dual.natural_gradient(tape, result.outputs, result.loss, gradients,
+                                          variables, result.likelihood,
+                                          result.per_example_scale)
     del tape
     return gradients, result
 
@@ -152,6 +175,9 @@ class NaturalGradientModel(keras.Model):
                 likelihood_of_loss(self.loss)  # fail at compile time, not inside fit
             if not optimizer.is_registered and not optimizer.built:
                 optimizer.register(self)
+        if sample_space_of(self.optimizer) is not None and likelihood_of_loss(
+                self.loss) != "gaussian":
+            raise ValueError("SampleSpaceNGD needs a squared-error loss (MeanSquaredError)")
 
     def _per_example_scale(self, likelihood: str, y_pred, sample_weight):
         dims = list(y_pred.shape[1:])
@@ -169,9 +195,9 @@ class NaturalGradientModel(keras.Model):
         return weight / elements
 
     def train_step(self, data):
-        optimizer = kfac_of(self.optimizer)
-        if optimizer is None:
+        if not uses_curvature(self.optimizer):
             return super().train_step(data)
+        kfac = kfac_of(self.optimizer)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
 
         def forward():
@@ -180,7 +206,7 @@ class NaturalGradientModel(keras.Model):
             # replicas' gradients); tfngd.distribute averages them: undo the division.
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                      training=True) * distribute.replicas()
-            if optimizer.fisher == "empirical":
+            if kfac is not None and kfac.fisher == "empirical":
                 return ForwardPass(loss, y_pred)
             likelihood = likelihood_of_loss(self.loss)
             return ForwardPass(loss, y_pred, likelihood,
