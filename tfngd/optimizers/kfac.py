@@ -11,6 +11,12 @@ from keras.optimizers.schedules import LearningRateSchedule
 
 from tfngd import distribute
 from tfngd.nonfinite import all_finite
+from tfngd.optimizers.arguments import (
+    require_choice,
+    require_counts,
+    require_fraction,
+    require_positive,
+)
 from tfngd.optimizers.capture import capture_layer_calls, find_registrable_layers
 from tfngd.optimizers.curvature_blocks import block_type_for, validate_modes
 
@@ -276,20 +282,14 @@ class KFAC(keras.optimizers.Optimizer):
         if gradient_accumulation_steps:
             raise NotImplementedError("KFAC does not support gradient_accumulation_steps")
         validate_modes(damping_mode, inverse_method, approximation, eigenvalue_correction)
-        if fisher not in FISHER_TYPES:
-            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
-        if not damping > 0:
-            raise ValueError(f"damping must be > 0, got {damping}")
-        if not 0.0 <= statistics_decay < 1.0:
-            raise ValueError(f"statistics_decay must be in [0, 1), got {statistics_decay}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        require_choice("fisher", fisher, FISHER_TYPES)
+        require_positive("damping", damping)
+        require_fraction("statistics_decay", statistics_decay)
+        require_fraction("momentum", momentum)
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
-        for arg, value in (("mc_samples", mc_samples), ("statistics_every", statistics_every),
-                           ("inverse_every", inverse_every)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{arg} must be an integer >= 1, got {value}")
+        require_counts(mc_samples=mc_samples, statistics_every=statistics_every,
+                       inverse_every=inverse_every)
         if statistics_examples is not None and (int(statistics_examples) != statistics_examples
                                                 or statistics_examples < 1):
             raise ValueError(f"statistics_examples must be None or an integer >= 1, "

@@ -59,6 +59,12 @@ import keras
 import tensorflow as tf
 
 from tfngd import distribute
+from tfngd.optimizers.arguments import (
+    require_choice,
+    require_counts,
+    require_fraction,
+    require_positive,
+)
 
 METRICS = ("gauss_newton", "empirical", "stein", "wasserstein_kernel")
 SOLVERS = ("direct", "cg")
@@ -209,7 +215,7 @@ class _Metric:
             self.kernel_factor = _with_jitter(gram)
             self.coefficients, self.rho = None, None
         else:
-            raise ValueError(f"metric must be one of {METRICS}, got {name!r}")
+            require_choice("metric", name, METRICS)
 
     def z(self, outputs) -> tf.Tensor:
         """``C^T f``, to be recorded on the forward pass's tape."""
@@ -292,21 +298,15 @@ class SampleSpaceNGD(keras.optimizers.Optimizer):
         if gradient_accumulation_steps:
             raise NotImplementedError("SampleSpaceNGD does not support "
                                       "gradient_accumulation_steps")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if not damping > 0:
-            raise ValueError(f"damping must be > 0, got {damping}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        for arg, value in (("cg_iterations", cg_iterations), ("kernel_points", kernel_points)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{arg} must be an integer >= 1, got {value}")
+        require_choice("metric", metric, METRICS)
+        require_choice("solver", solver, SOLVERS)
+        require_positive("damping", damping)
+        require_fraction("momentum", momentum)
+        require_counts(cg_iterations=cg_iterations, kernel_points=kernel_points)
         if not 0.0 < cg_tolerance < 1.0:
             raise ValueError(f"cg_tolerance must be in (0, 1), got {cg_tolerance}")
-        if kernel_bandwidth is not None and not kernel_bandwidth > 0:
-            raise ValueError(f"kernel_bandwidth must be > 0 or None, got {kernel_bandwidth}")
+        if kernel_bandwidth is not None:
+            require_positive("kernel_bandwidth", kernel_bandwidth)
         self.metric = metric
         self.solver = solver
         self.damping = float(damping)
