@@ -87,11 +87,12 @@ def _assert_same_state(model, reference):
     {"optimizer": "sgd", "global_clipnorm": None},
     {"optimizer": "kfac"},
     {"optimizer": "ekfac"},
+    {"optimizer": "kfac", "fisher_buckets": 3},
     {"optimizer": "kfac", "model": "ndm", "prediction_type": "x0", "num_timesteps": 20,
      "sample_steps": 20},
     {"optimizer": "adam", "model": "score_sde", "timestep_sampler": "uniform",
      "sampler": "ode"},
-], ids=["adam", "sgd", "kfac", "ekfac", "kfac-ndm", "adam-score-sde"])
+], ids=["adam", "sgd", "kfac", "ekfac", "kfac-buckets", "kfac-ndm", "adam-score-sde"])
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_a_nonfinite_batch_is_skipped_whole(changes, value):
     tf.config.experimental.enable_op_determinism()
