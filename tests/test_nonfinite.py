@@ -87,13 +87,15 @@ def _assert_same_state(model, reference):
     {"optimizer": "sgd", "global_clipnorm": None},
     {"optimizer": "kfac"},
     {"optimizer": "ekfac"},
+    {"optimizer": "kfac", "fisher_buckets": 3},
     {"optimizer": "kfac", "model": "ndm", "prediction_type": "x0", "num_timesteps": 20,
      "sample_steps": 20},
     {"optimizer": "adam", "model": "score_sde", "timestep_sampler": "uniform",
      "sampler": "ode"},
     {"optimizer": "dual", "momentum": 0.5, "cg_iterations": 3},
     {"optimizer": "kwng", "cg_iterations": 3},
-], ids=["adam", "sgd", "kfac", "ekfac", "kfac-ndm", "adam-score-sde", "dual-spring", "kwng"])
+], ids=["adam", "sgd", "kfac", "ekfac", "kfac-buckets", "kfac-ndm", "adam-score-sde",
+      "dual-spring", "kwng"])
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_a_nonfinite_batch_is_skipped_whole(changes, value):
     tf.config.experimental.enable_op_determinism()

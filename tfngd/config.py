@@ -22,7 +22,7 @@ import keras
 from tfngd import data as data_lib
 from tfngd import distribute, nonfinite, schedules, sde, timestep_sampling
 from tfngd import gaussian_diffusion as gd
-from tfngd.model import DiffusionModel
+from tfngd.model import FISHER_WEIGHTINGS, DiffusionModel
 from tfngd.ndm import REVERSE_PARAMETERISATIONS, NeuralDiffusionModel
 from tfngd.networks import build_mlp_denoiser, build_unet
 from tfngd.optimizers.curvature_blocks import APPROXIMATIONS, INVERSE_METHODS
@@ -101,6 +101,8 @@ class TrainConfig:
     kfac_approximation: str = "auto"
     cg_iterations: int = 10
     kernel_points: int = 64
+    fisher_buckets: int = 1
+    fisher_weighting: str = "loss"
     global_clipnorm: float | None = 1.0
     batch_size: int = 64
     epochs: int = 30
@@ -144,7 +146,31 @@ class TrainConfig:
             raise ConfigError(f"sample_steps={self.sample_steps} is not valid; it must be an "
                               f"integer in [1, {self.num_timesteps}] (num_timesteps)")
         self._validate_model_kind()
+        self._validate_fisher_options()
         return self
+
+    def _validate_fisher_options(self) -> None:
+        """``fisher_buckets`` / ``fisher_weighting`` (the diffusion-aware K-FAC Fisher)."""
+        if self.fisher_buckets > 1:
+            if self.optimizer != "kfac":
+                raise ConfigError(f"fisher_buckets={self.fisher_buckets} needs optimizer "
+                                  f"'kfac' (not {self.optimizer!r}): it buckets K-FAC's Fisher")
+            if self.model != "ddpm":
+                raise ConfigError(f"fisher_buckets={self.fisher_buckets} needs model 'ddpm': "
+                                  f"model={self.model!r} does not bucket its examples")
+            if self.strategy != "none":
+                raise ConfigError(f"fisher_buckets={self.fisher_buckets} runs on one device "
+                                  f"only: strategy must be 'none', not {self.strategy!r}")
+            if self.kfac_approximation_used not in ("expand", "reduce"):
+                raise ConfigError(f"fisher_buckets={self.fisher_buckets} needs "
+                                  "kfac_approximation 'expand' or 'reduce', not "
+                                  f"{self.kfac_approximation_used!r}")
+        if self.fisher_weighting != "loss":
+            if self.optimizer not in ("kfac", "ekfac") or self.model != "ddpm":
+                raise ConfigError(f"fisher_weighting={self.fisher_weighting!r} changes the "
+                                  "K-FAC Fisher of a DDPM: it needs optimizer 'kfac' or "
+                                  f"'ekfac' and model 'ddpm' (got {self.optimizer!r}, "
+                                  f"{self.model!r})")
 
     def _validate_model_kind(self) -> None:
         """The options that depend on ``model`` (what each kind of model supports)."""
@@ -409,6 +435,8 @@ OPTION_RULES = {
     "kfac_approximation": Choice(("auto", *APPROXIMATIONS)),
     "cg_iterations": Range(int, 1, 10_000),
     "kernel_points": Range(int, 1, 65_536),
+    "fisher_buckets": Range(int, 1, 1000),
+    "fisher_weighting": Choice(FISHER_WEIGHTINGS),
     "global_clipnorm": Range(float, 0.0, 1e6, low_open=True, optional=True),
     "batch_size": Range(int, 1, 65_536),
     "epochs": Range(int, 1, 1_000_000),
@@ -535,6 +563,7 @@ def _build_model(config: TrainConfig, data_shape: tuple, num_classes: int | None
         num_classes=num_classes if config.conditional else None,
         class_dropout=config.class_dropout,
         vlb_weight=config.vlb_weight,
+        fisher_weighting=config.fisher_weighting,
         seed=config.seed,
     )
 
@@ -574,6 +603,7 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
                     statistics_examples=config.statistics_examples,
                     inverse_every=config.inverse_every,
                     approximation=config.kfac_approximation_used,
+                    fisher_buckets=config.fisher_buckets,
                     momentum=0.5 if config.momentum is None else config.momentum,
                     seed=config.seed, **modes, **common)
     if config.optimizer in SAMPLE_SPACE_METRICS:
@@ -637,6 +667,12 @@ OPTION_HELP = {
     "layers called several times): auto (per_example for ndm, else expand), expand (every "
     "position an example), reduce (positions pooled first: cheaper) or per_example (from each "
     "example's gradient matrix: right for differenced calls, as in ndm) (kfac)",
+    "fisher_buckets": "K-FAC statistics kept separately for this many equal-width timestep "
+    "bins; the update sums each bin's preconditioned gradient (1: one pooled Fisher) (kfac, "
+    "ddpm, one device)",
+    "fisher_weighting": "loss weights in the K-FAC Fisher: loss (the Fisher of the weighted "
+    "loss, importance x Min-SNR weights) or unweighted (every timestep's curvature counted "
+    "equally; the gradient stays weighted) (kfac, ddpm)",
     "cg_iterations": "conjugate-gradient steps per update of the sample-space solve (dual, "
     "dual_empirical, stein, kwng)",
     "kernel_points": "Nystrom points of the kernelised Wasserstein metric (kwng)",

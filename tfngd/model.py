@@ -36,9 +36,16 @@ import tensorflow as tf
 
 from tfngd import distribute, likelihood, nonfinite, samplers
 from tfngd.gaussian_diffusion import GaussianDiffusion
+from tfngd.optimizers.bucketed_fisher import (
+    OBJECTIVE_TERMS,
+    bucketed_gradients_and_curvature,
+    timestep_buckets,
+)
 from tfngd.optimizers.training import ForwardPass, gradients_and_curvature, kfac_of
 from tfngd.timestep_sampling import make_timestep_sampler
 
+#: How the loss weights enter K-FAC's Fisher (``DiffusionModel(fisher_weighting=...)``).
+FISHER_WEIGHTINGS = ("loss", "unweighted")
 # Indices of the stateless random streams drawn at each step.
 _STREAM_T, _STREAM_NOISE, _STREAM_LABEL_DROP = 0, 1, 2
 
@@ -165,6 +172,18 @@ class DiffusionModel(PrebuiltModel):
         ``learned_range`` diffusion (Nichol & Dhariwal 2021: 0.001; see
         :meth:`denoising_loss`); finite and ``>= 0``; ignored for a fixed variance.
       seed: base seed of the stateless random streams.
+      fisher_weighting: how the per-example loss weights enter the K-FAC Fisher
+        (the gradient is always that of the weighted objective). ``"loss"``: the
+        Fisher of the loss-weighted likelihood, per-example scale ``s_n = w_is(t_n)
+        w_snr(t_n) / D`` (importance weight times Min-SNR weight over the ``D`` output
+        elements), so ``G`` of the output layer is ``2 mean_n s_n`` times the identity.
+        ``"unweighted"``: ``s_n = 1 / D``, the Fisher of the unweighted Gaussian
+        likelihood, every timestep's curvature counted equally (for learned_range, the
+        variance channels' scale also drops ``w_is``); with uniform weights (no Min-SNR,
+        uniform timesteps) both are the same. Defaults to ``"loss"``.
+
+    With a ``KFAC(fisher_buckets=B)`` optimizer the Fisher is bucketed by timestep:
+    ``B`` equal-width bins of ``t`` (:mod:`tfngd.optimizers.bucketed_fisher`).
 
     The denoiser's output must have ``diffusion.output_channels(C)`` channels on its
     last axis (``C`` those of its ``x`` input): ``C`` for a fixed variance, ``2C`` for
@@ -183,9 +202,14 @@ class DiffusionModel(PrebuiltModel):
         evaluate_with_ema: bool = True,
         seed: int = 0,
         vlb_weight: float = 0.001,
+        fisher_weighting: str = "loss",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if fisher_weighting not in FISHER_WEIGHTINGS:
+            raise ValueError(f"fisher_weighting must be one of {FISHER_WEIGHTINGS}, "
+                             f"got {fisher_weighting!r}")
+        self.fisher_weighting = fisher_weighting
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if not 0.0 <= class_dropout <= 1.0:
@@ -250,6 +274,12 @@ class DiffusionModel(PrebuiltModel):
         kfac = kfac_of(self.optimizer)
         if kfac is not None and not kfac.is_registered:
             kfac.register(self.denoiser)
+        if kfac is not None and kfac.fisher_buckets > 1:
+            if self.distribute_strategy.num_replicas_in_sync > 1:
+                raise NotImplementedError(
+                    f"fisher_buckets={kfac.fisher_buckets} is not supported on several "
+                    "replicas (tf.distribute); use fisher_buckets=1 or one device")
+            kfac.bucketed_train_step = True  # this train step buckets examples by timestep
 
     @property
     def metrics(self):
@@ -290,7 +320,8 @@ class DiffusionModel(PrebuiltModel):
         Fixed variance: ``L_n = w_snr(t_n) mean_D ||target - f||^2`` (``L_simple``). The
         objective is the Gaussian likelihood ``mean_n s_n ||target_n - f_n||^2`` with
         ``s_n = w_is w_snr / D`` whose Fisher K-FAC approximates (the Fisher does
-        not depend on the target, so eps, x0 and v prediction share it).
+        not depend on the target, so eps, x0 and v prediction share it);
+        ``fisher_weighting="unweighted"`` hands K-FAC ``s_n = 1 / D`` instead.
 
         ``learned_range`` (Nichol & Dhariwal 2021, section 3.1, the hybrid objective
         ``L_hybrid = L_simple + lambda L_vlb`` with ``lambda = vlb_weight``): the output
@@ -326,7 +357,13 @@ class DiffusionModel(PrebuiltModel):
         snr_weights = self.diffusion.loss_weights(t)
         mse = self.diffusion.per_example_loss(prediction, x0, noise, t) * snr_weights
         elements = tf.cast(tf.reduce_prod(tf.shape(prediction)[1:]), tf.float32)
-        scale = importance_weights * snr_weights / elements
+        # The weights the Fisher sees (fisher_weighting): the loss's, or none.
+        if self.fisher_weighting == "loss":
+            fisher_importance, fisher_snr = importance_weights, snr_weights
+        else:
+            fisher_importance, fisher_snr = (tf.ones_like(importance_weights),
+                                             tf.ones_like(snr_weights))
+        scale = fisher_importance * fisher_snr / elements
         extras = {"mse": mse}
         if var_values is None:
             per_example = mse
@@ -340,11 +377,12 @@ class DiffusionModel(PrebuiltModel):
             log_ratio = tf.cast(tf.gather(tf.constant(
                 self.diffusion.log_betas - self.diffusion.posterior_log_variance_clipped,
                 tf.float64), t), tf.float32)
-            variance_scale = (importance_weights * vlb_scale * tf.square(log_ratio)
+            variance_scale = (fisher_importance * vlb_scale * tf.square(log_ratio)
                               / (16.0 * elements * math.log(2.0)))
             scale = _per_channel_scale(output, scale, variance_scale)
         extras["per_example"] = per_example
-        objective = tf.reduce_mean(per_example * importance_weights)
+        extras[OBJECTIVE_TERMS] = per_example * importance_weights
+        objective = tf.reduce_mean(extras[OBJECTIVE_TERMS])
         return ForwardPass(objective, output, "gaussian", per_example_scale=scale,
                            extras=extras)
 
@@ -390,10 +428,20 @@ class DiffusionModel(PrebuiltModel):
             label = tf.where(drop < self.class_dropout, self.null_label, tf.cast(label, tf.int32))
 
         variables = self.denoiser.trainable_variables
-        gradients, result = gradients_and_curvature(
-            self.optimizer, variables, jit_compile=self._replica_jit_compile,
-            forward=lambda: self.denoising_loss(self.denoiser, x0, t, noise, label,
-                                                importance_weights, training=True))
+
+        def forward():
+            return self.denoising_loss(self.denoiser, x0, t, noise, label, importance_weights,
+                                       training=True)
+
+        kfac = kfac_of(self.optimizer)
+        if kfac is not None and kfac.fisher_buckets > 1:
+            gradients, result = bucketed_gradients_and_curvature(
+                self.optimizer, variables, forward,
+                timestep_buckets(t, self.diffusion.num_timesteps, kfac.fisher_buckets))
+        else:
+            gradients, result = gradients_and_curvature(
+                self.optimizer, variables, jit_compile=self._replica_jit_compile,
+                forward=forward)
         objective, per_example = result.loss, result.extras["per_example"]
         gradients, finite = distribute.apply_gradients_if_finite(self.optimizer, gradients,
                                                                  variables, objective)

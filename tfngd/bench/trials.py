@@ -98,7 +98,8 @@ class TrialSpec:
 # what the harness did before they existed (see comparable_identity).
 LATER_OPTIONS = {"kfac_approximation": "expand", "model": "ddpm", "sde": "vp",
                  "vlb_weight": 0.001, "precision": "float32", "strategy": "none",
-                 "nonfinite_policy": "skip", "cg_iterations": 10, "kernel_points": 64}
+                 "nonfinite_policy": "skip", "cg_iterations": 10, "kernel_points": 64,
+                 "fisher_buckets": 1, "fisher_weighting": "loss"}
 
 
 def comparable_identity(identity: dict) -> str | None:

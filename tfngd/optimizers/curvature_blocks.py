@@ -187,8 +187,12 @@ def validate_modes(damping_mode: str, inverse_method: str, approximation: str = 
                          f"{damping_mode!r} and {inverse_method!r}")
 
 
-def _state_name(layer, suffix: str) -> str:
-    return f"{layer.path.replace('/', '_')}_kfac_{suffix}"
+def _state_name(layer, suffix: str, bucket: int | None = None) -> str:
+    """The optimizer-variable name of a block's state; a noise-level bucket ``b >= 1`` of
+    a bucketed Fisher (``KFAC(fisher_buckets=B)``) adds ``_bucket{b}`` (bucket 0 keeps
+    the pooled Fisher's names, so ``B = 1`` checkpoints are unchanged)."""
+    name = f"{layer.path.replace('/', '_')}_kfac_{suffix}"
+    return name if not bucket else f"{name}_bucket{bucket}"
 
 
 class CurvatureBlock:
@@ -215,6 +219,8 @@ class CurvatureBlock:
         self.approximation = approximation
         self.eigenvalue_correction = bool(eigenvalue_correction)
         self.variables: list = []
+        #: The noise-level bucket whose Fisher the block holds (None: the pooled Fisher).
+        self.bucket: int | None = None
 
     @classmethod
     def unsupported_reason(cls, layer) -> str | None:
@@ -231,6 +237,9 @@ class CurvatureBlock:
     def name(self) -> str:
         return self.layer.path
 
+    def state_name(self, suffix: str) -> str:
+        return _state_name(self.layer, suffix, self.bucket)
+
     # -- interface -----------------------------------------------------------
     def create_state(self, optimizer) -> None:
         """Create the block's optimizer variables: running statistics with
@@ -239,7 +248,7 @@ class CurvatureBlock:
         raise NotImplementedError
 
     def batch_statistics(self, inputs: Sequence, output_gradients: Sequence[Sequence],
-                         examples=None) -> list:
+                         examples=None, example_weights=None) -> list:
         """Minibatch statistics from the layer's calls in one forward pass.
 
         Args:
@@ -253,6 +262,11 @@ class CurvatureBlock:
             of a network, e.g. at several times, into one call), example-major
             within each copy. Every copy of every call is a set of further
             positions of the same ``N`` examples.
+          example_weights: ``c_n >= 0`` (``[N]``) or None: the statistics become the
+            ``c``-weighted means ``sum_n c_n x_n / sum_n c_n`` of the per-example terms
+            ``x_n`` instead of the plain means (0/1 weights select the examples of one
+            noise-level bucket, ``KFAC(fisher_buckets=B)``; ``sum_n c_n`` must be > 0).
+            Supported by the expand and reduce Kronecker factors and GroupNorm.
         """
         raise NotImplementedError
 
@@ -323,6 +337,14 @@ def _products_through_gram(rows, gradients) -> tuple:
             tf.einsum("npo,npr->or", gradients, tf.einsum("npq,nqr->npr", a_gram, gradients)))
 
 
+def _row_weights(example_weights, examples, rows) -> tf.Tensor:
+    """``[k N R, 1]``: each row of a call's ``[k N, R, d]`` rows (``k`` stacked copies of the
+    ``N`` examples, copy-major) weighted by its example's weight."""
+    copies = tf.shape(rows)[0] // examples
+    per_call_row = tf.tile(_float32(example_weights), [copies])  # [k N]
+    return tf.reshape(tf.repeat(per_call_row, tf.shape(rows)[1]), (-1, 1))
+
+
 def _sum_per_example(values, examples, channels: int) -> tf.Tensor:
     """``[N, channels]``: ``values`` (``[k N, ..., channels]``, ``k`` stacked copies of the
     ``N`` examples) summed over the copies and every position in between."""
@@ -358,11 +380,11 @@ class KroneckerFactoredBlock(CurvatureBlock):
     def create_state(self, optimizer) -> None:
         def add(shape, suffix, initializer="zeros"):
             return optimizer.add_variable(shape, initializer=initializer, dtype="float32",
-                                          name=_state_name(self.layer, suffix))
+                                          name=self.state_name(suffix))
 
         def statistic(shape, suffix, initializer="zeros"):
             return optimizer.add_statistics_variable(shape, initializer=initializer,
-                                                     name=_state_name(self.layer, suffix))
+                                                     name=self.state_name(suffix))
 
         d_a, d_g = self.input_dim, self.output_dim
         self.a_factor = statistic((d_a, d_a), "A")
@@ -385,7 +407,7 @@ class KroneckerFactoredBlock(CurvatureBlock):
         # eigh: A min, A max, G min, G max eigenvalues; cholesky: A, G mean eigenvalue and pi.
         self.spectrum = add((4,), "spectrum")
         self.decomposition_fallbacks = optimizer.add_variable(
-            (), dtype="int64", name=_state_name(self.layer, "decomposition_fallbacks"))
+            (), dtype="int64", name=self.state_name("decomposition_fallbacks"))
 
     @property
     def running_statistics(self) -> list:
@@ -406,7 +428,8 @@ class KroneckerFactoredBlock(CurvatureBlock):
             self.kfe_sum.assign_add(statistics[3])
             self.kfe_count.assign_add(1.0)
 
-    def batch_statistics(self, inputs, output_gradients, examples=None) -> list:
+    def batch_statistics(self, inputs, output_gradients, examples=None,
+                         example_weights=None) -> list:
         """``[A, G, R]`` of this batch (``R = 1`` for ``approximation="reduce"``).
 
         The positions of example ``n`` are those of every call and every stacked copy
@@ -415,35 +438,52 @@ class KroneckerFactoredBlock(CurvatureBlock):
         the output gradients over all positions of an example first.
         """
         examples = _example_count(inputs, examples)
+        if example_weights is not None and (self.approximation == "per_example"
+                                            or self.eigenvalue_correction):
+            raise NotImplementedError("example_weights (a bucketed Fisher) need "
+                                      "approximation 'expand' or 'reduce', without EKFAC")
         if self.approximation == "reduce":
-            factors = self._reduced_statistics(inputs, output_gradients, examples)
+            factors = self._reduced_statistics(inputs, output_gradients, examples,
+                                               example_weights)
         elif self.approximation == "per_example":
             factors = self._per_example_statistics(inputs, output_gradients, examples)
         else:
-            factors = self._expanded_statistics(inputs, output_gradients, examples)
+            factors = self._expanded_statistics(inputs, output_gradients, examples,
+                                                example_weights)
         if self.eigenvalue_correction:
             factors.append(self._eigenbasis_second_moments(inputs, output_gradients, examples))
         return factors
 
-    def _expanded_statistics(self, inputs, output_gradients, examples) -> list:
-        """Expand: every row (position, call, copy) of ``a`` and ``g`` an example."""
+    def _expanded_statistics(self, inputs, output_gradients, examples,
+                             example_weights=None) -> list:
+        """Expand: every row (position, call, copy) of ``a`` and ``g`` an example (with
+        ``example_weights``, every row weighted by its example's ``c_n``)."""
         a_sum = tf.zeros((self.input_dim, self.input_dim), tf.float32)
         g_sum = tf.zeros((self.output_dim, self.output_dim), tf.float32)
         rows = tf.constant(0.0)
         for call_inputs, probe_gradients in zip(inputs, output_gradients, strict=True):
             a = self._input_rows(call_inputs)  # [kN, R, kernel_rows]
+            row_weights = (None if example_weights is None
+                           else _row_weights(example_weights, examples, a))
             a = self._with_bias_column(tf.reshape(a, (-1, self.kernel_rows)))
-            a_sum += tf.matmul(a, a, transpose_a=True)
+            weighted_a = a if row_weights is None else a * row_weights
+            a_sum += tf.matmul(weighted_a, a, transpose_a=True)
             for g in probe_gradients:
                 g = tf.reshape(_float32(g), (-1, self.output_dim))
-                g_sum += tf.matmul(g, g, transpose_a=True)
-            rows += tf.cast(tf.shape(a)[0], tf.float32)
-        rows = tf.maximum(rows, 1.0)
-        return [a_sum / rows, g_sum / rows, rows / tf.maximum(tf.cast(examples, tf.float32), 1.0)]
+                weighted_g = g if row_weights is None else g * row_weights
+                g_sum += tf.matmul(weighted_g, g, transpose_a=True)
+            rows += (tf.cast(tf.shape(a)[0], tf.float32) if row_weights is None
+                     else tf.reduce_sum(row_weights))
+        rows = tf.maximum(rows, 1.0) if example_weights is None else tf.maximum(rows, _TINY)
+        count = (tf.maximum(tf.cast(examples, tf.float32), 1.0) if example_weights is None
+                 else tf.maximum(tf.reduce_sum(_float32(example_weights)), _TINY))
+        return [a_sum / rows, g_sum / rows, rows / count]
 
-    def _reduced_statistics(self, inputs, output_gradients, examples) -> list:
+    def _reduced_statistics(self, inputs, output_gradients, examples,
+                            example_weights=None) -> list:
         """K-FAC-reduce over every position of an example: ``a_n`` the mean of its
-        input rows (all calls, copies and positions), ``g_n`` the sum of their gradients."""
+        input rows (all calls, copies and positions), ``g_n`` the sum of their gradients
+        (with ``example_weights``, the means over examples weighted by ``c_n``)."""
         row_sum = tf.zeros((examples, self.kernel_rows), tf.float32)
         positions = tf.constant(0.0)
         g_total = None
@@ -456,11 +496,16 @@ class KroneckerFactoredBlock(CurvatureBlock):
             g_total = g_call if g_total is None else [
                 total + g for total, g in zip(g_total, g_call, strict=True)]
         a = self._with_bias_column(row_sum / tf.maximum(positions, 1.0))
-        count = tf.maximum(tf.cast(examples, tf.float32), 1.0)
+        if example_weights is None:
+            count, weights = tf.maximum(tf.cast(examples, tf.float32), 1.0), None
+        else:
+            weights = tf.reshape(_float32(example_weights), (-1, 1))
+            count = tf.maximum(tf.reduce_sum(weights), _TINY)
         g_sum = tf.zeros((self.output_dim, self.output_dim), tf.float32)
         for g in g_total:
-            g_sum += tf.matmul(g, g, transpose_a=True)
-        return [tf.matmul(a, a, transpose_a=True) / count, g_sum / count, tf.constant(1.0)]
+            g_sum += tf.matmul(g if weights is None else g * weights, g, transpose_a=True)
+        a_sum = tf.matmul(a if weights is None else a * weights, a, transpose_a=True)
+        return [a_sum / count, g_sum / count, tf.constant(1.0)]
 
     def _per_example_statistics(self, inputs, output_gradients, examples) -> list:
         """``[S_A, S_G, 1]``, the second moments ``1/N sum M_n M_n^T`` and ``1/N sum M_n^T
@@ -718,11 +763,11 @@ class GroupNormBlock(CurvatureBlock):
     def create_state(self, optimizer) -> None:
         self.fisher_diagonals = [
             optimizer.add_statistics_variable((self.channels,),
-                                              name=_state_name(self.layer, f"{v.name}_fisher"))
+                                              name=self.state_name(f"{v.name}_fisher"))
             for v in self.variables
         ]
         self.spectrum = optimizer.add_variable((2,), dtype="float32",
-                                               name=_state_name(self.layer, "fisher_extremes"))
+                                               name=self.state_name("fisher_extremes"))
 
     @property
     def running_statistics(self) -> list:
@@ -737,7 +782,8 @@ class GroupNormBlock(CurvatureBlock):
         x_hat = (grouped - mean) * tf.math.rsqrt(variance + self.layer.epsilon)
         return tf.reshape(x_hat, (tf.shape(x)[0], -1, self.channels))
 
-    def batch_statistics(self, inputs, output_gradients, examples=None) -> list:
+    def batch_statistics(self, inputs, output_gradients, examples=None,
+                         example_weights=None) -> list:
         """Per channel, ``1/N sum_probes sum_n t_n^2`` with ``t_n`` an example's
         ``sum_hw x_hat dy`` (gamma) or ``sum_hw dy`` (beta) of one call, the calls'
         terms treated as independent (the diagonal analogue of expand's extra
@@ -756,8 +802,18 @@ class GroupNormBlock(CurvatureBlock):
                 terms = [call[index] for call in per_call]
                 if self.approximation == "per_example":
                     terms = [tf.add_n([tf.reduce_sum(_copies(t, count), axis=0) for t in terms])]
-                sums[index] += tf.add_n([tf.reduce_sum(tf.square(t), axis=0) for t in terms])
-        examples = tf.maximum(tf.cast(count, tf.float32), 1.0)
+                if example_weights is None:
+                    sums[index] += tf.add_n([tf.reduce_sum(tf.square(t), axis=0)
+                                             for t in terms])
+                else:  # t: [k N, C], k stacked copies of the examples
+                    sums[index] += tf.add_n([tf.reduce_sum(
+                        tf.square(t) * tf.tile(_float32(example_weights),
+                                               [tf.shape(t)[0] // count])[:, None], axis=0)
+                        for t in terms])
+        if example_weights is None:
+            examples = tf.maximum(tf.cast(count, tf.float32), 1.0)
+        else:
+            examples = tf.maximum(tf.reduce_sum(_float32(example_weights)), _TINY)
         return [s / examples for s in sums]
 
     def update_inverse(self, damping, correction) -> tf.Tensor:

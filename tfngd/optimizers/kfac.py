@@ -42,6 +42,8 @@ class _Registration:
         self.block_of_layer: dict = {}
         self.block_variable_keys: set = set()  # optimizer._var_key of every block variable
         self.fallback_keys: list = []
+        # Per noise-level bucket, its blocks (bucket 0: ``blocks``; fisher_buckets > 1).
+        self.bucket_blocks: list[list] = []
 
     def resolve_layers(self) -> list:
         if self.layers is None:
@@ -212,6 +214,16 @@ class KFAC(keras.optimizers.Optimizer):
         damping/learning rate tried (docs/kfac.md).
       fallback_learning_rate: float or schedule: learning rate of the Adam
         fallback for variables without a block. Defaults to 1e-3.
+      fisher_buckets: ``B``, the number of noise-level buckets of a bucketed Fisher
+        (1: the pooled Fisher of every example, as always). With ``B > 1`` every block
+        keeps ``B`` sets of statistics, bucket ``b``'s from the examples the train step
+        assigned to it (:mod:`tfngd.optimizers.bucketed_fisher`: ``DiffusionModel``
+        buckets by timestep), and the update is ``U = sum_b (F_b + lambda I)^-1 g_b``
+        with ``g_b`` the gradient of bucket ``b``'s share of the mean loss
+        (:meth:`record_bucket_gradients`). Needs a train step that provides the buckets
+        (``DiffusionModel``; not ``NaturalGradientModel``, NDM or score-SDE models), one
+        replica, ``approximation`` ``"expand"``/``"reduce"``, no EKFAC and no
+        ``clipvalue``. Defaults to 1.
       seed: base seed of the stateless probe draws. Defaults to 0.
       skip_unsupported_layers: layers of a supported type in an unsupported
         configuration (grouped/channels-first Conv2D, ...) raise at build by
@@ -251,6 +263,7 @@ class KFAC(keras.optimizers.Optimizer):
         kl_clip: float | None = 1e-3,
         momentum: float = 0.5,
         fallback_learning_rate=1e-3,
+        fisher_buckets: int = 1,
         seed: int = 0,
         skip_unsupported_layers: bool = False,
         weight_decay=None,
@@ -297,6 +310,21 @@ class KFAC(keras.optimizers.Optimizer):
         if int(inverse_warmup_steps) != inverse_warmup_steps or inverse_warmup_steps < 0:
             raise ValueError(f"inverse_warmup_steps must be an integer >= 0, "
                              f"got {inverse_warmup_steps}")
+        if isinstance(fisher_buckets, bool) or int(fisher_buckets) != fisher_buckets \
+                or fisher_buckets < 1:
+            raise ValueError(f"fisher_buckets must be an integer >= 1, got {fisher_buckets!r}")
+        if fisher_buckets > 1 and (approximation == "per_example" or eigenvalue_correction):
+            raise ValueError("fisher_buckets > 1 (a bucketed Fisher) supports approximation "
+                             "'expand' or 'reduce' without eigenvalue_correction (EKFAC), got "
+                             f"approximation={approximation!r}, "
+                             f"eigenvalue_correction={eigenvalue_correction}")
+        if fisher_buckets > 1 and clipvalue is not None:
+            raise ValueError("fisher_buckets > 1 cannot split an element-wise clipped gradient "
+                             "(clipvalue) into buckets: use clipnorm or global_clipnorm")
+        self.fisher_buckets = int(fisher_buckets)
+        #: Set by a train step that assigns every example to a bucket (``DiffusionModel``,
+        #: :func:`tfngd.optimizers.bucketed_fisher.bucketed_gradients_and_curvature`).
+        self.bucketed_train_step = False
         self.initial_damping = float(damping)
         self.damping_mode = damping_mode
         self.inverse_method = inverse_method
@@ -365,6 +393,17 @@ class KFAC(keras.optimizers.Optimizer):
             registration.blocks.append(block)
             registration.block_of_layer[id(layer)] = block
             registration.block_variable_keys.update(self._var_key(v) for v in block.variables)
+        registration.bucket_blocks = [registration.blocks]
+        if self.fisher_buckets > 1:
+            self._check_bucketed_fisher_supported()
+            for bucket in range(1, self.fisher_buckets):
+                copies = []
+                for block in registration.blocks:
+                    copy = type(block)(block.layer, self.damping_mode, self.inverse_method,
+                                       self.approximation, self.eigenvalue_correction)
+                    copy.bucket = bucket
+                    copies.append(copy)
+                registration.bucket_blocks.append(copies)
         super().build(var_list)
 
         def scalar(name, initializer="zeros", dtype="float32"):
@@ -372,22 +411,49 @@ class KFAC(keras.optimizers.Optimizer):
 
         self.damping = scalar("damping", keras.initializers.Constant(self.initial_damping))
         self._statistics_weight = self.add_statistics_variable((), name="statistics_weight")
+        # Per bucket, the EMA weight ``1 - decay^k`` of its ``k`` statistics steps so far.
+        self._statistics_weights = [self._statistics_weight] + [
+            self.add_statistics_variable((), name=f"statistics_weight_bucket{b}")
+            for b in range(1, self.fisher_buckets)]
         # > 0 when non-finite statistics were seen since the last update (on any replica).
         self._nonfinite_statistics = self.add_statistics_variable((),
                                                                   name="nonfinite_statistics")
         self._skipped_updates = scalar("skipped_updates", dtype="int64")
         self._inverse_refreshes = scalar("inverse_refreshes", dtype="int64")
         self._update_scale = scalar("update_scale", "ones")
-        for block in registration.blocks:
-            block.create_state(self)
+        for blocks in registration.bucket_blocks:
+            for block in blocks:
+                block.create_state(self)
         block_variables = [v for block in registration.blocks for v in block.variables]
         self._momentums = (self.add_optimizer_variables(block_variables, "kfac_momentum")
                            if self.momentum > 0 else [None] * len(block_variables))
+        # Scratch buffers: this step's per-bucket gradients g_b of the block variables,
+        # written by record_bucket_gradients before apply (fisher_buckets > 1).
+        self._bucket_gradients = [
+            self.add_optimizer_variables(block_variables, f"kfac_bucket{b}_gradient")
+            for b in range(self.fisher_buckets)] if self.fisher_buckets > 1 else []
         fallback = [v for v in var_list
                     if self._var_key(v) not in registration.block_variable_keys]
         registration.fallback_keys = [self._var_key(v) for v in fallback]
         self._fallback_moments = self.add_optimizer_variables(
             fallback, ["fallback_momentum", "fallback_velocity"])
+
+    def _check_bucketed_fisher_supported(self) -> None:
+        """``fisher_buckets > 1`` needs a train step that buckets the examples, on one
+        replica: raise (at build, before any step) where it would silently not."""
+        if tf.distribute.has_strategy() and \
+                tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            raise NotImplementedError(
+                f"fisher_buckets={self.fisher_buckets} is not supported under a tf.distribute "
+                "strategy with several replicas; use fisher_buckets=1 or one device")
+        if not self.bucketed_train_step:
+            raise ValueError(
+                f"fisher_buckets={self.fisher_buckets} needs a train step that assigns each "
+                "example to a noise-level bucket and feeds per-bucket gradients: "
+                "tfngd.model.DiffusionModel does (by timestep); NaturalGradientModel, "
+                "NeuralDiffusionModel and score-SDE models do not (use fisher_buckets=1), "
+                "and a custom loop must use "
+                "tfngd.optimizers.bucketed_fisher.bucketed_gradients_and_curvature")
 
     def add_statistics_variable(self, shape, initializer="zeros", dtype="float32",
                                 name=None):
@@ -480,7 +546,7 @@ class KFAC(keras.optimizers.Optimizer):
 
     @tf.autograph.experimental.do_not_convert
     def update_curvature(self, tape, captured, outputs, likelihood: str = "gaussian",
-                         per_example_scale=None, loss=None) -> None:
+                         per_example_scale=None, loss=None, example_buckets=None) -> None:
         """Fold this step's curvature statistics into the running factors.
 
         Args:
@@ -492,6 +558,10 @@ class KFAC(keras.optimizers.Optimizer):
             (softmax cross-entropy from logits); unused for ``fisher="empirical"``.
           per_example_scale: ``s_n``, see :meth:`output_probes`.
           loss: the mean-over-examples objective; required for ``fisher="empirical"``.
+          example_buckets: ``fisher_buckets > 1`` only (and then required): the bucket
+            ``b_n`` in ``[0, B)`` of each example (``[N]`` integers). Bucket ``b``'s
+            statistics are the means over its examples (:meth:`bucket_statistics`); a
+            bucket with no example in the batch keeps its running statistics.
 
         Runs every ``statistics_every`` steps and during the inverse warm-up (a
         no-op otherwise). Non-finite
@@ -503,16 +573,33 @@ class KFAC(keras.optimizers.Optimizer):
             # On several replicas each one folds the statistics of its own examples into
             # its own copy of the running statistics (replica-local variables, no
             # communication here); reading them in the update averages the copies.
-            statistics = self.batch_statistics(tape, captured, outputs, likelihood,
-                                               per_example_scale, loss)
-            finite = all_finite([s for stats in statistics if stats for s in stats])
+            if self.fisher_buckets == 1:
+                per_bucket = [self.batch_statistics(tape, captured, outputs, likelihood,
+                                                    per_example_scale, loss)]
+                present = [tf.constant(True)]
+            else:
+                per_bucket, present = self.bucket_statistics(
+                    tape, captured, outputs, example_buckets, likelihood, per_example_scale,
+                    loss)
+            finite = all_finite([s for statistics in per_bucket for stats in statistics
+                                 if stats for s in stats])
 
             def accumulate():
                 decay = tf.constant(self.statistics_decay, tf.float32)
-                for block, stats in zip(registration.blocks, statistics, strict=True):
-                    if stats is not None:
-                        block.accumulate_statistics(stats, decay)
-                self._statistics_weight.assign(decay * self._statistics_weight + (1.0 - decay))
+                for bucket, statistics in enumerate(per_bucket):
+                    blocks, weight = registration.bucket_blocks[bucket], \
+                        self._statistics_weights[bucket]
+
+                    def fold(blocks=blocks, statistics=statistics, weight=weight):
+                        for block, stats in zip(blocks, statistics, strict=True):
+                            if stats is not None:
+                                block.accumulate_statistics(stats, decay)
+                        weight.assign(decay * weight + (1.0 - decay))
+
+                    if self.fisher_buckets == 1:
+                        fold()
+                    else:
+                        _run_if(present[bucket], fold)
 
             _run_if(finite, accumulate)
             self._nonfinite_statistics.assign(
@@ -521,6 +608,9 @@ class KFAC(keras.optimizers.Optimizer):
         if not self.built:
             self.build(registration.trainable_variables())
         self._check_curvature_inputs(captured, outputs, loss)
+        if self.fisher_buckets > 1 and example_buckets is None:
+            raise ValueError(f"fisher_buckets={self.fisher_buckets}: update_curvature needs "
+                             "example_buckets (the bucket of every example)")
         if self.statistics_every == 1:
             collect()
         else:
@@ -542,6 +632,38 @@ class KFAC(keras.optimizers.Optimizer):
         """This batch's statistics of every block (None: the block's layer was not called),
         from the probes' output gradients; the running state is not touched. Arguments as
         for :meth:`update_curvature` (the optimizer must be built)."""
+        calls, probe_grads, examples = self._probe_gradients(tape, captured, outputs,
+                                                             likelihood, per_example_scale, loss)
+        return self._block_statistics(calls, probe_grads, examples, tf.shape(outputs)[0])
+
+    @tf.autograph.experimental.do_not_convert
+    def bucket_statistics(self, tape, captured, outputs, example_buckets,
+                          likelihood: str = "gaussian", per_example_scale=None,
+                          loss=None) -> tuple[list, list]:
+        """Per noise-level bucket ``b``, this batch's statistics of every block from the
+        examples with ``example_buckets == b`` alone (the same probes as
+        :meth:`batch_statistics`, one probe pass for all buckets; each statistic is the
+        mean over the bucket's examples, see ``example_weights`` of
+        :meth:`CurvatureBlock.batch_statistics`), and whether the bucket has an example
+        (in the ``statistics_examples`` subset). Returns ``(statistics, present)``."""
+        calls, probe_grads, examples = self._probe_gradients(tape, captured, outputs,
+                                                             likelihood, per_example_scale, loss)
+        batch = tf.shape(outputs)[0]
+        buckets = self._example_subset(tf.cast(example_buckets, tf.int32), batch)
+        statistics, present = [], []
+        for bucket in range(self.fisher_buckets):
+            weights = tf.cast(tf.equal(buckets, bucket), tf.float32)
+            count = tf.reduce_sum(weights)
+            present.append(count > 0)
+            # An empty bucket gets uniform weights (finite placeholders, never folded in).
+            weights = tf.where(count > 0, weights, tf.ones_like(weights))
+            statistics.append(self._block_statistics(calls, probe_grads, examples, batch,
+                                                     weights, bucket))
+        return statistics, present
+
+    def _probe_gradients(self, tape, captured, outputs, likelihood, per_example_scale, loss):
+        """``(calls, probe_grads, examples)``: the registered layers' calls, per probe the
+        output gradients at their pre-activations, and the examples the statistics use."""
         registration = self._require_registration()
         self._check_curvature_inputs(captured, outputs, loss)
         calls = [c for c in captured if id(c.layer) in registration.block_of_layer]
@@ -560,17 +682,22 @@ class KFAC(keras.optimizers.Optimizer):
         examples = tf.shape(outputs)[0]
         if self.statistics_examples is not None:
             examples = tf.minimum(examples, self.statistics_examples)
+        return calls, probe_grads, examples
 
+    def _block_statistics(self, calls, probe_grads, examples, batch, example_weights=None,
+                          bucket: int = 0) -> list:
+        """Every block's statistics (of ``bucket``'s blocks) from the calls and probes."""
         def subset(tensor):
-            return self._example_subset(tensor, tf.shape(outputs)[0])
+            return self._example_subset(tensor, batch)
 
         statistics = []
-        for block in registration.blocks:
+        for block in self._require_registration().bucket_blocks[bucket]:
             indices = [i for i, c in enumerate(calls) if c.layer is block.layer]
+            kwargs = {} if example_weights is None else {"example_weights": example_weights}
             statistics.append(block.batch_statistics(
                 [subset(calls[i].inputs) for i in indices],
                 [[subset(grads[i]) for grads in probe_grads] for i in indices],
-                examples,
+                examples, **kwargs,
             ) if indices else None)
         return statistics
 
@@ -644,15 +771,18 @@ class KFAC(keras.optimizers.Optimizer):
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         block_grads, fallback = self._route_gradients(grads, trainable_variables)
         finite = tf.logical_and(tf.equal(self._nonfinite_statistics, 0.0), all_finite(grads))
-        correction = tf.where(self._statistics_weight > 0,
-                              1.0 / tf.maximum(self._statistics_weight, _TINY), 0.0)
+        corrections = [tf.where(weight > 0, 1.0 / tf.maximum(weight, _TINY), 0.0)
+                       for weight in self._statistics_weights]
         damping = tf.cast(self.damping, tf.float32)
-        inverses_ok = self._refresh_inverses_if_due(finite, damping, correction)
+        inverses_ok = self._refresh_inverses_if_due(finite, damping, corrections)
 
         def update():
             self._decay_weights(trainable_variables, learning_rate)
-            updates = [None if gs is None else block.precondition(gs, damping, correction)
-                       for block, gs in zip(self.blocks, block_grads, strict=True)]
+            if self.fisher_buckets == 1:
+                updates = [None if gs is None else block.precondition(gs, damping, corrections[0])
+                           for block, gs in zip(self.blocks, block_grads, strict=True)]
+            else:
+                updates = self._bucketed_updates(block_grads, damping, corrections)
             scale = self._kl_clip_scale(updates, block_grads, learning_rate)
             self._update_scale.assign(scale)
             self._apply_with_momentum(updates, scale, learning_rate)
@@ -666,6 +796,54 @@ class KFAC(keras.optimizers.Optimizer):
         tf.cond(tf.logical_and(finite, inverses_ok), update, skip)
         self._nonfinite_statistics.assign(0.0)
         return tf.constant(True)
+
+    def record_bucket_gradients(self, bucket_gradients, variables) -> None:
+        """Store this step's per-bucket gradients for the next ``apply`` (``fisher_buckets >
+        1``): ``bucket_gradients[b]`` is the gradient, aligned with ``variables``, of
+        bucket ``b``'s share ``L_b = 1/N sum_{n in b} l_n`` of the mean loss (so ``sum_b
+        L_b = L``). ``apply`` gets the total gradient as usual; the block variables'
+        shares are kept in scratch optimizer variables (written every step before they
+        are read, so a resumed run does not depend on their checkpointed value)."""
+        if self.fisher_buckets == 1:
+            raise ValueError("record_bucket_gradients needs fisher_buckets > 1")
+        if len(bucket_gradients) != self.fisher_buckets:
+            raise ValueError(f"expected gradients of {self.fisher_buckets} buckets, got "
+                             f"{len(bucket_gradients)}")
+        registration = self._require_registration()
+        position = {self._var_key(v): i for i, v in enumerate(variables)}
+        block_variables = [v for block in registration.blocks for v in block.variables]
+        for bucket, gradients in enumerate(bucket_gradients):
+            for slot, variable in zip(self._bucket_gradients[bucket], block_variables,
+                                      strict=True):
+                index = position.get(self._var_key(variable))
+                gradient = None if index is None else gradients[index]
+                slot.assign(tf.zeros(slot.shape, slot.dtype) if gradient is None
+                            else tf.cast(tf.convert_to_tensor(gradient), slot.dtype))
+
+    def _bucketed_updates(self, block_grads, damping, corrections) -> list:
+        """``U = sum_b (F_b + lambda I)^-1 g_b`` per block, with the recorded bucket
+        gradients ``g_b`` rescaled, per variable, to the norm of the gradient ``apply``
+        got: clipping (clipnorm, global_clipnorm) and loss-scale unscaling multiply each
+        variable's gradient by one scalar, which this carries over to its buckets (without
+        either, the factor is 1: the train step hands ``apply`` ``g = sum_b g_b``)."""
+        slots = [iter(buffers) for buffers in self._bucket_gradients]
+        updates = []
+        for bucket_zero_block, gs in zip(self.blocks, block_grads, strict=True):
+            shares = [[tf.convert_to_tensor(next(slots[b])) for _ in bucket_zero_block.variables]
+                      for b in range(self.fisher_buckets)]
+            if gs is None:
+                updates.append(None)
+                continue
+            for index, g in enumerate(gs):
+                total = tf.add_n([share[index] for share in shares])
+                factor = tf.math.divide_no_nan(tf.norm(tf.cast(g, tf.float32)), tf.norm(total))
+                for share in shares:
+                    share[index] = share[index] * factor
+            block_index = len(updates)
+            parts = [self._require_registration().bucket_blocks[b][block_index].precondition(
+                shares[b], damping, corrections[b]) for b in range(self.fisher_buckets)]
+            updates.append([tf.add_n(list(values)) for values in zip(*parts, strict=True)])
+        return updates
 
     def _route_gradients(self, grads, trainable_variables):
         """Per block, its variables' gradients (None: the block got none); and the
@@ -683,12 +861,16 @@ class KFAC(keras.optimizers.Optimizer):
                     for i, key in enumerate(registration.fallback_keys) if key in grad_of]
         return block_grads, fallback
 
-    def _refresh_inverses_if_due(self, finite, damping, correction):
+    def _refresh_inverses_if_due(self, finite, damping, corrections):
         """Every step during the warm-up (and until a first refresh succeeded), then every
-        ``inverse_every`` steps; returns whether the refresh (if any) succeeded."""
+        ``inverse_every`` steps; returns whether the refresh (if any) succeeded.
+        ``corrections``: the EMA bias correction of each bucket's statistics."""
+        bucket_blocks = self._require_registration().bucket_blocks
 
         def refresh():
-            oks = [block.update_inverse(damping, correction) for block in self.blocks]
+            oks = [block.update_inverse(damping, correction)
+                   for blocks, correction in zip(bucket_blocks, corrections, strict=True)
+                   for block in blocks]
             return tf.reduce_all(tf.stack(oks)) if oks else tf.constant(True)
 
         due = tf.logical_and(finite, tf.reduce_any(tf.stack([
@@ -757,9 +939,11 @@ class KFAC(keras.optimizers.Optimizer):
             "kfac/skipped_updates": tf.convert_to_tensor(self._skipped_updates),
             "kfac/inverse_refreshes": tf.convert_to_tensor(self._inverse_refreshes),
         }
-        for block in self.blocks:
-            for key, value in block.diagnostics().items():
-                result[f"kfac/{block.name}/{key}"] = tf.convert_to_tensor(value)
+        for bucket, blocks in enumerate(self._require_registration().bucket_blocks):
+            prefix = "kfac" if bucket == 0 else f"kfac/bucket{bucket}"
+            for block in blocks:
+                for key, value in block.diagnostics().items():
+                    result[f"{prefix}/{block.name}/{key}"] = tf.convert_to_tensor(value)
         return result
 
     def state_sizes(self) -> dict[str, int]:
@@ -768,8 +952,10 @@ class KFAC(keras.optimizers.Optimizer):
         ``factors``: running ``A``/``G`` factors and GroupNorm Fisher diagonals;
         ``inverses``: the cached damped inverses or eigendecompositions;
         ``momentum``: the heavy-ball buffers of the preconditioned variables;
-        ``fallback``: the Adam moments of variables without a block. Scalars
-        (counters, damping, spectra) are left out.
+        ``fallback``: the Adam moments of variables without a block;
+        ``bucket_gradients`` (``fisher_buckets > 1`` only): the per-bucket gradient
+        buffers. Factors and inverses count every bucket's. Scalars (counters, damping,
+        spectra) are left out.
         """
         if not self.built:
             raise ValueError("the optimizer is not built yet")
@@ -778,16 +964,21 @@ class KFAC(keras.optimizers.Optimizer):
             return int(sum(math.prod(v.shape) for v in variables
                            if v is not None and len(v.shape) > 0))
 
-        factors = [v for block in self.blocks for v in block.running_statistics]
+        blocks = [block for bucket in self._require_registration().bucket_blocks
+                  for block in bucket]
+        factors = [v for block in blocks for v in block.running_statistics]
         factor_keys = {self._var_key(v) for v in factors}
-        caches = [v for block in self.blocks for v in block.cached_state()
+        caches = [v for block in blocks for v in block.cached_state()
                   if self._var_key(v) not in factor_keys]
-        return {
+        sizes = {
             "factors": count(factors),
             "inverses": count(caches),
             "momentum": count(self._momentums),
             "fallback": count([v for moments in self._fallback_moments for v in moments]),
         }
+        if self.fisher_buckets > 1:
+            sizes["bucket_gradients"] = count([v for vs in self._bucket_gradients for v in vs])
+        return sizes
 
     # -- serialisation -----------------------------------------------------------
     def get_config(self):
@@ -811,6 +1002,7 @@ class KFAC(keras.optimizers.Optimizer):
             "kl_clip": self.kl_clip,
             "momentum": self.momentum,
             "fallback_learning_rate": fallback_rate,
+            "fisher_buckets": self.fisher_buckets,
             "seed": self.seed,
             "skip_unsupported_layers": self.skip_unsupported_layers,
         })
