@@ -14,14 +14,11 @@ Each metric is a linear map of the outputs into a sample space of dimension ``m`
 positive-definite ``m x m`` matrix ``K``, and the pulled-back metric
 ``G = Jt^T K^{-1} Jt`` with ``Jt = dz/dtheta``:
 
-=====================  ===================================  =================  ==========
-metric                 ``z``                                ``K``              ``m``
-=====================  ===================================  =================  ==========
-``gauss_newton``       ``h * f``                            ``I``              ``N D``
-``empirical``          ``sqrt(N) <e_n, f_n>``               ``I``              ``N``
-``stein`` (particle)   ``h * f``                            ``k(Y, Y) kron I``  ``N D``
-``wasserstein_kernel`` ``sum_n w_n <grad k(Y_j, y_n), f_n>``  ``sum_n w_n <grad k, grad k>``  ``M``
-=====================  ===================================  =================  ==========
+* ``gauss_newton``: ``z = h * f``, ``K = I``, ``m = N D``;
+* ``empirical``: ``z_n = sqrt(N) <e_n, f_n>``, ``K = I``, ``m = N``;
+* ``stein`` (particle-based): ``z = h * f``, ``K = k(Y, Y) kron I_D``, ``m = N D``;
+* ``wasserstein_kernel`` (kernel-based): ``z_j = sum_n w_n <grad_y k(Y_j, y_n), f_n>``,
+  ``K_ij = sum_n w_n <grad_y k(Y_i, y_n), grad_y k(Y_j, y_n)>``, ``m = M``.
 
 (``gauss_newton``: the Gauss-Newton / Fisher matrix; ``empirical``: the empirical Fisher
 ``1/N sum_n grad l_n grad l_n^T``; ``stein``: the RKHS norm, under the SVGD kernel ``k``,
