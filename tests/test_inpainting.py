@@ -237,9 +237,9 @@ def test_inpaint_keeps_known_pixels_and_is_deterministic(image_model):
     d = inpainting.inpaint(image_model, images, masks, seed=3, num_steps=3)
     np.testing.assert_array_equal(d[masks == 1], images[masks == 1])
     assert d[0, 0, 0, 0] != images[0, 0, 0, 0]
-    # A fully known image is returned as is.
+    # A fully known image is returned as is (same batch size: no new trace).
     np.testing.assert_array_equal(
-        inpainting.inpaint(image_model, images[:1], np.ones_like(mask), num_steps=2), images[:1])
+        inpainting.inpaint(image_model, images, np.ones_like(mask), num_steps=2), images)
 
 
 def test_inpaint_validation(image_model):
@@ -262,6 +262,8 @@ def test_inpaint_validation(image_model):
         (dict(label=[0, 1]), "label"),
         (dict(label=4), "label"),
         (dict(guidance_scale=2.0), "guidance_scale"),
+        (dict(label=1, guidance_scale="2"), "guidance_scale"),
+        (dict(label=1, guidance_scale=float("inf")), "guidance_scale"),
         (dict(seed=1.5), "seed"),
     ]
     for overrides, message in cases:

@@ -293,8 +293,10 @@ def inpaint(model, images, mask, seed: int = 0, num_steps: int = 50, jump_length
         if label is None:
             raise ValueError("guidance_scale needs a label (classifier-free guidance "
                              "compares the labelled and the null-label predictions)")
-        if not np.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        if isinstance(guidance_scale, bool) \
+                or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if model.num_classes is not None and label is None:
         label = np.full([batch], model.null_label, np.int32)
     clip_x0 = bool(clip_x0) and model.is_image_model
