@@ -125,6 +125,20 @@ def posterior_coefficients(abar_t, abar_prev):
     return c1, c2, var
 
 
+def forward_transition(x_s, abar_t, abar_s, noise):
+    """Draw ``x_t ~ q(x_t | x_s) = N(sqrt(abar_t / abar_s) x_s, (1 - abar_t / abar_s) I)``.
+
+    The forward process between any two steps ``s < t`` of a (respaced) chain, with the
+    given standard normal ``noise``; ``abar_s = 1`` makes it ``q(x_t | x_0)``. ``abar_t``
+    and ``abar_s`` (any float dtype) are cast to ``x_s``' dtype after the ratio is formed
+    and must broadcast against it.
+    """
+    ratio = abar_t / abar_s
+    dtype = x_s.dtype
+    return (tf.cast(tf.sqrt(ratio), dtype) * x_s
+            + tf.cast(tf.sqrt(1.0 - ratio), dtype) * noise)
+
+
 def prediction_to_x0_eps(model_output, x_t, abar_t, prediction_type: str):
     """Convert a network output in any parameterisation to ``(x0_hat, eps_hat)``.
 

@@ -144,6 +144,57 @@ def step_seed(seed, index):
     return tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
 
 
+def respaced_chain(diffusion: gd.GaussianDiffusion, num_steps, spacing: str = "trailing"):
+    """``(timesteps, abar_kept, abar_prev_kept)`` of the respaced chain of ``num_steps`` steps.
+
+    ``timesteps`` (int32 ``[K]``, ascending) are the kept original steps
+    (:func:`tfngd.schedules.respaced_timesteps`); ``abar_kept[i]`` (float64) is ``abar`` at
+    ``timesteps[i]`` and ``abar_prev_kept[i]`` that of the previous kept step (1 for
+    ``i = 0``), so reverse step ``i`` goes from ``timesteps[i]`` to ``timesteps[i - 1]``.
+    """
+    timesteps = schedules.respaced_timesteps(diffusion.num_timesteps, num_steps, spacing)
+    abar_kept = tf.gather(tf.constant(diffusion.alphas_cumprod, tf.float64), timesteps)
+    abar_prev_kept = tf.concat([tf.ones([1], tf.float64), abar_kept[:-1]], axis=0)
+    return timesteps, abar_kept, abar_prev_kept
+
+
+def check_sampler(sampler, diffusion: gd.GaussianDiffusion) -> bool:
+    """Whether ``sampler`` draws with the learned variance; ``ValueError`` if it cannot."""
+    learned_sampler = getattr(sampler, "uses_learned_variance", False)
+    if learned_sampler and not diffusion.learns_variance:
+        raise ValueError(f"the sampler uses a learned variance, but the diffusion's "
+                         f"variance_type is {diffusion.variance_type!r}")
+    return learned_sampler
+
+
+def reverse_step(fn, diffusion: gd.GaussianDiffusion, sampler, x, t, abar_t, abar_prev, noise,
+                 clip_x0: bool = False, log_variance_bounds=None):
+    """One reverse step ``x_t -> x_prev`` of a (respaced) chain: the denoiser, then ``sampler``.
+
+    Calls ``fn(x, t)``, converts its prediction to ``(x0_hat, eps_hat)``
+    (:func:`tfngd.gaussian_diffusion.prediction_to_x0_eps`; with ``clip_x0`` the ``x_0``
+    is clipped to [-1, 1] and ``eps`` recomputed from it) and returns
+    ``sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise)``. For a sampler with a
+    learned variance, ``log_variance_bounds = (log beta', log beta~')`` of this step of the
+    chain (:func:`tfngd.gaussian_diffusion.respaced_log_variance_bounds`) turn the
+    network's variance channels into the step's ``log_variance``.
+    """
+    dtype = x.dtype
+    output = tf.cast(fn(x, tf.fill([tf.shape(x)[0]], t)), dtype)
+    prediction, var_values = diffusion.split_output(output)
+    x0_hat, eps_hat = gd.prediction_to_x0_eps(
+        prediction, x, tf.cast(abar_t, dtype), diffusion.prediction_type
+    )
+    if clip_x0:
+        x0_hat = tf.clip_by_value(x0_hat, -1.0, 1.0)
+        eps_hat = gd.eps_from_x0(x, x0_hat, tf.cast(abar_t, dtype))
+    if log_variance_bounds is not None:
+        log_variance = gd.learned_range_log_variance(var_values, *log_variance_bounds)
+        return sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise,
+                            log_variance=log_variance)
+    return sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise)
+
+
 def sample(
     fn: Callable,
     diffusion: gd.GaussianDiffusion,
@@ -179,37 +230,18 @@ def sample(
       The samples ``x_0``, of the given shape.
     """
     sampler = sampler or DDIMSampler(0.0)
-    learned_sampler = getattr(sampler, "uses_learned_variance", False)
-    if learned_sampler and not diffusion.learns_variance:
-        raise ValueError(f"the sampler uses a learned variance, but the diffusion's "
-                         f"variance_type is {diffusion.variance_type!r}")
-    timesteps = schedules.respaced_timesteps(diffusion.num_timesteps, num_steps, spacing)
-    abar_kept = tf.gather(tf.constant(diffusion.alphas_cumprod, tf.float64), timesteps)
-    abar_prev_kept = tf.concat([tf.ones([1], tf.float64), abar_kept[:-1]], axis=0)
+    learned_sampler = check_sampler(sampler, diffusion)
+    timesteps, abar_kept, abar_prev_kept = respaced_chain(diffusion, num_steps, spacing)
     if learned_sampler:
         log_beta_kept, log_beta_tilde_kept = gd.respaced_log_variance_bounds(abar_kept)
     x = tf.random.stateless_normal(shape, seed=step_seed(seed, 0), dtype=dtype)
-    batch = tf.shape(x)[0]
 
     def body(i, x):
-        t = timesteps[i]
-        abar_t, abar_prev = abar_kept[i], abar_prev_kept[i]
-        output = tf.cast(fn(x, tf.fill([batch], t)), dtype)
-        prediction, var_values = diffusion.split_output(output)
-        x0_hat, eps_hat = gd.prediction_to_x0_eps(
-            prediction, x, tf.cast(abar_t, dtype), diffusion.prediction_type
-        )
-        if clip_x0:
-            x0_hat = tf.clip_by_value(x0_hat, -1.0, 1.0)
-            eps_hat = gd.eps_from_x0(x, x0_hat, tf.cast(abar_t, dtype))
         noise = tf.random.stateless_normal(tf.shape(x), seed=step_seed(seed, i + 1), dtype=dtype)
         noise = noise * tf.cast(i > 0, dtype)
-        if learned_sampler:
-            log_variance = gd.learned_range_log_variance(
-                var_values, log_beta_kept[i], log_beta_tilde_kept[i])
-            return i - 1, sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise,
-                                       log_variance=log_variance)
-        return i - 1, sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise)
+        bounds = (log_beta_kept[i], log_beta_tilde_kept[i]) if learned_sampler else None
+        return i - 1, reverse_step(fn, diffusion, sampler, x, timesteps[i], abar_kept[i],
+                                   abar_prev_kept[i], noise, clip_x0, bounds)
 
     _, x = tf.while_loop(
         lambda i, _: i >= 0,
