@@ -21,10 +21,9 @@ from tfngd.networks import build_mlp_denoiser
 from tfngd.optimizers import KFAC, NaturalGradientModel
 from tfngd.optimizers.bucketed_fisher import (
     OBJECTIVE_TERMS,
-    bucketed_gradients_and_curvature,
     timestep_buckets,
 )
-from tfngd.optimizers.training import ForwardPass
+from tfngd.optimizers.training import ForwardPass, gradients_and_curvature
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -148,8 +147,9 @@ def test_the_update_is_the_sum_of_dense_solves_of_the_bucket_gradients():
         shares.append([g.numpy().astype(np.float64) for g in tape.gradient(share, variables)])
     factors = [reference_factors(network, x, np.flatnonzero(BUCKETS == b)) for b in range(3)]
 
-    gradients, _ = bucketed_gradients_and_curvature(
-        optimizer, variables, lambda: forward_pass(network, x, y), tf.constant(BUCKETS))
+    gradients, _ = gradients_and_curvature(
+        optimizer, variables, lambda: forward_pass(network, x, y),
+        example_buckets=tf.constant(BUCKETS))
     optimizer.apply(gradients, variables)
 
     for layer in range(2):
@@ -170,6 +170,40 @@ def test_the_update_is_the_sum_of_dense_solves_of_the_bucket_gradients():
     pooled = np.linalg.solve(np.kron(a, g) + damping * np.eye(len(a) * len(g)),
                              total.ravel()).reshape(total.shape)
     assert not np.allclose(pooled, expected, rtol=1e-2)  # expected: the output layer's
+
+
+def one_bucketed_step(jit: bool) -> list:
+    """The weights after one bucketed K-FAC step inside a tf.function (XLA or not)."""
+    x, y = data()
+    network = tiny_network()
+    optimizer = bucketed_kfac(learning_rate=1.0, damping=1e-2, statistics_decay=0.0)
+    optimizer.register(network)
+    variables = network.trainable_variables
+
+    @tf.function
+    def step():
+        gradients, _ = gradients_and_curvature(
+            optimizer, variables, lambda: forward_pass(network, x, y), jit_compile=jit,
+            example_buckets=tf.constant(BUCKETS))
+        optimizer.apply(gradients, variables)
+
+    step()
+    return [v.numpy() for v in variables]
+
+
+def test_the_xla_compiled_bucketed_step_equals_the_graph_step():
+    for graph, xla in zip(one_bucketed_step(False), one_bucketed_step(True), strict=True):
+        np.testing.assert_allclose(xla, graph, rtol=1e-4, atol=1e-6)
+
+
+def test_example_buckets_need_a_bucketed_kfac():
+    network = tiny_network()
+    x, y = data()
+    for optimizer in (KFAC(fisher="exact"), keras.optimizers.SGD()):
+        with pytest.raises(ValueError, match="fisher_buckets > 1"):
+            gradients_and_curvature(optimizer, network.trainable_variables,
+                                    lambda: forward_pass(network, x, y),
+                                    example_buckets=tf.constant(BUCKETS))
 
 
 def diffusion_model(buckets=None, weighting="loss", gamma=None, fisher="mc", **kfac_kwargs):

@@ -38,7 +38,6 @@ from tfngd import distribute, likelihood, nonfinite, samplers
 from tfngd.gaussian_diffusion import GaussianDiffusion
 from tfngd.optimizers.bucketed_fisher import (
     OBJECTIVE_TERMS,
-    bucketed_gradients_and_curvature,
     timestep_buckets,
 )
 from tfngd.optimizers.training import ForwardPass, gradients_and_curvature, kfac_of
@@ -434,14 +433,11 @@ class DiffusionModel(PrebuiltModel):
                                        training=True)
 
         kfac = kfac_of(self.optimizer)
-        if kfac is not None and kfac.fisher_buckets > 1:
-            gradients, result = bucketed_gradients_and_curvature(
-                self.optimizer, variables, forward,
-                timestep_buckets(t, self.diffusion.num_timesteps, kfac.fisher_buckets))
-        else:
-            gradients, result = gradients_and_curvature(
-                self.optimizer, variables, jit_compile=self._replica_jit_compile,
-                forward=forward)
+        example_buckets = (timestep_buckets(t, self.diffusion.num_timesteps, kfac.fisher_buckets)
+                           if kfac is not None and kfac.fisher_buckets > 1 else None)
+        gradients, result = gradients_and_curvature(
+            self.optimizer, variables, forward, jit_compile=self._replica_jit_compile,
+            example_buckets=example_buckets)
         objective, per_example = result.loss, result.extras["per_example"]
         gradients, finite = distribute.apply_gradients_if_finite(self.optimizer, gradients,
                                                                  variables, objective)

@@ -21,7 +21,7 @@ def require_fraction(arg: str, value) -> None:
 
 
 def require_counts(**counts) -> None:
-    """Every value an integer >= 1."""
+    """Every value an integer >= 1 (not a bool)."""
     for arg, value in counts.items():
-        if int(value) != value or value < 1:
-            raise ValueError(f"{arg} must be an integer >= 1, got {value}")
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")

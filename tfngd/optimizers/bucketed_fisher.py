@@ -1,10 +1,12 @@
-"""A K-FAC Fisher bucketed by noise level: the train-step sequence that feeds it.
+"""A K-FAC Fisher bucketed by noise level: its definition, buckets and loss shares.
 
 Diffusion training mixes very different regression problems in one loss: at small
 ``t`` the denoiser nearly sees the data, at large ``t`` nearly pure noise, and a
 layer's input and output-gradient statistics differ between the two. A pooled
 K-FAC Fisher averages them. ``KFAC(fisher_buckets=B)`` keeps ``B`` sets of
-statistics instead, and this module is the train step that feeds them.
+statistics instead; this module defines them, and
+:func:`tfngd.optimizers.training.gradients_and_curvature` (``example_buckets``) is the
+train-step sequence that feeds them.
 
 Definition. The examples of a batch are split into buckets ``b = 0..B-1`` by their
 noise level (:func:`timestep_buckets`), the mean loss into the buckets' shares::
@@ -38,11 +40,9 @@ buffers of the preconditioned variables.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import tensorflow as tf
 
-from tfngd.optimizers.training import ForwardPass, kfac_of
+from tfngd.optimizers.arguments import require_counts
 
 #: The key of a ForwardPass' ``extras`` holding the ``[N]`` terms whose mean is the loss.
 OBJECTIVE_TERMS = "objective_terms"
@@ -57,48 +57,23 @@ def timestep_buckets(t, num_timesteps: int, buckets: int) -> tf.Tensor:
     log-SNR, whatever the schedule (the log-SNR quantiles of a uniform ``t`` are the
     images of ``t``'s). ``B = 4`` gives the chain's quartiles, as the loss metrics do.
     """
-    if int(buckets) != buckets or buckets < 1:
-        raise ValueError(f"fisher_buckets must be an integer >= 1, got {buckets!r}")
+    require_counts(fisher_buckets=buckets)
     t = tf.cast(t, tf.int64)
     return tf.cast(tf.minimum(t * int(buckets) // int(num_timesteps), int(buckets) - 1),
                    tf.int32)
 
 
-def bucketed_gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardPass],
-                                     example_buckets):
-    """:func:`tfngd.optimizers.training.gradients_and_curvature` for a bucketed Fisher.
+def loss_shares(extras: dict, example_buckets, buckets: int) -> list:
+    """The buckets' shares ``L_b = 1/N sum_{n in b} l_n`` of the mean loss (``sum_b L_b = L``).
 
-    ``forward()`` must return a :class:`ForwardPass` whose ``extras[OBJECTIVE_TERMS]``
-    are the ``[N]`` per-example terms whose mean is ``loss``; ``example_buckets`` the
-    bucket of each example. Computes every bucket's gradient ``g_b`` (one backward pass
-    per bucket), feeds the bucketed curvature statistics and records the ``g_b`` with
-    the optimizer (:meth:`KFAC.record_bucket_gradients`), and returns ``(g, forward
-    pass)`` with ``g = sum_b g_b``, which the caller applies as usual.
+    ``extras[OBJECTIVE_TERMS]`` are the ``[N]`` per-example terms ``l_n`` whose mean is the
+    loss (a :class:`~tfngd.optimizers.training.ForwardPass`' extras), ``example_buckets``
+    the bucket of each example. Returns ``B`` scalars.
     """
-    kfac = kfac_of(optimizer)
-    if kfac is None or kfac.fisher_buckets < 2:
-        raise ValueError("bucketed_gradients_and_curvature needs a KFAC optimizer with "
-                         "fisher_buckets > 1")
-    kfac.bucketed_train_step = True
-    buckets = kfac.fisher_buckets
-    with tf.GradientTape(persistent=True) as tape:
-        with kfac.capture() as captured:
-            result = forward()
-        if OBJECTIVE_TERMS not in result.extras:
-            raise ValueError(f"a bucketed Fisher needs the forward pass' extras"
-                             f"[{OBJECTIVE_TERMS!r}] (the per-example terms of the loss)")
-        terms = tf.cast(result.extras[OBJECTIVE_TERMS], tf.float32)
-        examples = tf.cast(tf.shape(terms)[0], tf.float32)
-        shares = tf.math.unsorted_segment_sum(terms, example_buckets, buckets) / examples
-        scaled_shares = [optimizer.scale_loss(shares[b]) for b in range(buckets)]
-    bucket_gradients = [tape.gradient(share, variables) for share in scaled_shares]
-    # A variable the loss does not reach has no gradient in any bucket (None, as usual).
-    gradients = [None if bucket_gradients[0][i] is None
-                 else tf.add_n([grads[i] for grads in bucket_gradients])
-                 for i in range(len(variables))]
-    kfac.update_curvature(tape, captured, result.outputs, result.likelihood,
-                          per_example_scale=result.per_example_scale, loss=result.loss,
-                          example_buckets=example_buckets)
-    kfac.record_bucket_gradients(bucket_gradients, variables)
-    del tape
-    return gradients, result
+    if OBJECTIVE_TERMS not in extras:
+        raise ValueError(f"a bucketed Fisher needs the forward pass' extras"
+                         f"[{OBJECTIVE_TERMS!r}] (the per-example terms of the loss)")
+    terms = tf.cast(extras[OBJECTIVE_TERMS], tf.float32)
+    examples = tf.cast(tf.shape(terms)[0], tf.float32)
+    shares = tf.math.unsorted_segment_sum(terms, example_buckets, buckets) / examples
+    return [shares[b] for b in range(buckets)]

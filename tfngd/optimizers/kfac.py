@@ -310,9 +310,7 @@ class KFAC(keras.optimizers.Optimizer):
         if int(inverse_warmup_steps) != inverse_warmup_steps or inverse_warmup_steps < 0:
             raise ValueError(f"inverse_warmup_steps must be an integer >= 0, "
                              f"got {inverse_warmup_steps}")
-        if isinstance(fisher_buckets, bool) or int(fisher_buckets) != fisher_buckets \
-                or fisher_buckets < 1:
-            raise ValueError(f"fisher_buckets must be an integer >= 1, got {fisher_buckets!r}")
+        require_counts(fisher_buckets=fisher_buckets)
         if fisher_buckets > 1 and (approximation == "per_example" or eigenvalue_correction):
             raise ValueError("fisher_buckets > 1 (a bucketed Fisher) supports approximation "
                              "'expand' or 'reduce' without eigenvalue_correction (EKFAC), got "
@@ -323,7 +321,7 @@ class KFAC(keras.optimizers.Optimizer):
                              "(clipvalue) into buckets: use clipnorm or global_clipnorm")
         self.fisher_buckets = int(fisher_buckets)
         #: Set by a train step that assigns every example to a bucket (``DiffusionModel``,
-        #: :func:`tfngd.optimizers.bucketed_fisher.bucketed_gradients_and_curvature`).
+        #: :func:`tfngd.optimizers.training.gradients_and_curvature` with ``example_buckets``).
         self.bucketed_train_step = False
         self.initial_damping = float(damping)
         self.damping_mode = damping_mode
@@ -453,7 +451,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "tfngd.model.DiffusionModel does (by timestep); NaturalGradientModel, "
                 "NeuralDiffusionModel and score-SDE models do not (use fisher_buckets=1), "
                 "and a custom loop must use "
-                "tfngd.optimizers.bucketed_fisher.bucketed_gradients_and_curvature")
+                "tfngd.optimizers.training.gradients_and_curvature(..., example_buckets=...)")
 
     def add_statistics_variable(self, shape, initializer="zeros", dtype="float32",
                                 name=None):

@@ -163,10 +163,9 @@ class _ExplicitSampleSpaceMap(_SampleSpaceMap):
     def solve(self, rhs, damping, kernel_matrix, iterations, tolerance):
         del iterations, tolerance
         gram = tf.add_n([tf.matmul(rows, rows, transpose_b=True) for rows in self.rows])
-        chol = tf.linalg.cholesky(gram + damping * kernel_matrix)
-        solution = tf.linalg.cholesky_solve(chol, rhs[:, None])[:, 0]
-        return solution, tf.constant(1), _relative_residual(gram + damping * kernel_matrix,
-                                                            solution, rhs)
+        system = gram + damping * kernel_matrix
+        solution = tf.linalg.cholesky_solve(tf.linalg.cholesky(system), rhs[:, None])[:, 0]
+        return solution, tf.constant(1), _relative_residual(system, solution, rhs)
 
 
 def _relative_residual(matrix, solution, rhs):

@@ -31,6 +31,7 @@ import keras
 import tensorflow as tf
 
 from tfngd import distribute, nonfinite
+from tfngd.optimizers import bucketed_fisher
 from tfngd.optimizers.kfac import KFAC
 from tfngd.optimizers.sample_space import SampleSpaceNGD
 
@@ -82,7 +83,7 @@ class ForwardPass:
 
 
 def gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardPass],
-                            jit_compile: bool = False):
+                            jit_compile: bool = False, example_buckets=None):
     """Gradients of ``forward().loss``; with K-FAC, also this step's curvature statistics;
     with :class:`SampleSpaceNGD`, its natural-gradient direction in place of the gradients.
 
@@ -101,13 +102,24 @@ def gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardP
     on its own device, :func:`tfngd.distribute.split_jit_compile`; everything in it is
     local to the replica). Returns ``(gradients, forward_pass)``; the caller then applies
     the gradients (:func:`tfngd.distribute.apply_gradients_if_finite`).
+
+    ``example_buckets`` (``[N]`` int, a ``KFAC(fisher_buckets=B > 1)`` optimizer only, and
+    then required): the noise-level bucket of each example of a bucketed Fisher
+    (:mod:`tfngd.optimizers.bucketed_fisher`). ``forward().extras[OBJECTIVE_TERMS]`` must
+    then hold the per-example terms whose mean is the loss; the loss is split into the
+    buckets' shares ``L_b`` (:func:`~tfngd.optimizers.bucketed_fisher.loss_shares`), one
+    gradient ``g_b`` is taken per share and recorded with the optimizer
+    (:meth:`KFAC.record_bucket_gradients`), the statistics are bucketed, and the returned
+    gradients are ``g = sum_b g_b``.
     """
+    buckets = _bucket_count(kfac_of(optimizer), example_buckets)
     if not jit_compile:
-        return _gradients_and_curvature(optimizer, variables, forward)
+        return _gradients_and_curvature(optimizer, variables, forward, example_buckets, buckets)
     traced = {}
 
     def compiled():
-        gradients, result = _gradients_and_curvature(optimizer, variables, forward)
+        gradients, result = _gradients_and_curvature(optimizer, variables, forward,
+                                                     example_buckets, buckets)
         traced["likelihood"] = result.likelihood
         return gradients, (result.loss, result.outputs, result.per_example_scale,
                            result.extras)
@@ -116,17 +128,37 @@ def gradients_and_curvature(optimizer, variables, forward: Callable[[], ForwardP
     return gradients, ForwardPass(loss, outputs, traced["likelihood"], scale, extras)
 
 
-def _gradients_and_curvature(optimizer, variables, forward):
+def _bucket_count(kfac, example_buckets) -> int:
+    """``B`` of a bucketed-Fisher step (``example_buckets`` given), else 1."""
+    if example_buckets is None:
+        return 1
+    if kfac is None or kfac.fisher_buckets < 2:
+        raise ValueError("example_buckets needs a KFAC optimizer with fisher_buckets > 1 "
+                         "(a bucketed Fisher)")
+    kfac.bucketed_train_step = True
+    return kfac.fisher_buckets
+
+
+def _gradients_and_curvature(optimizer, variables, forward, example_buckets, buckets):
     kfac, dual = kfac_of(optimizer), sample_space_of(optimizer)
     capture = kfac.capture() if kfac is not None else contextlib.nullcontext()
     with tf.GradientTape(persistent=kfac is not None or dual is not None) as tape:
         with capture as captured:
             result = forward()
-        scaled_loss = optimizer.scale_loss(result.loss)
-    gradients = tape.gradient(scaled_loss, variables)
+        losses = ([result.loss] if buckets == 1
+                  else bucketed_fisher.loss_shares(result.extras, example_buckets, buckets))
+        scaled_losses = [optimizer.scale_loss(loss) for loss in losses]
+    share_gradients = [tape.gradient(loss, variables) for loss in scaled_losses]
+    # A variable the loss does not reach has no gradient in any share (None, as usual).
+    gradients = share_gradients[0] if buckets == 1 else [
+        None if share_gradients[0][i] is None
+        else tf.add_n([grads[i] for grads in share_gradients]) for i in range(len(variables))]
     if kfac is not None:
         kfac.update_curvature(tape, captured, result.outputs, result.likelihood,
-                              per_example_scale=result.per_example_scale, loss=result.loss)
+                              per_example_scale=result.per_example_scale, loss=result.loss,
+                              example_buckets=example_buckets)
+        if buckets > 1:
+            kfac.record_bucket_gradients(share_gradients, variables)
     if dual is not None:
         gradients = dual.natural_gradient(tape, result.outputs, result.loss, gradients,
                                           variables, result.likelihood,
