@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-grid", action="store_true", help="do not draw the grid")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the runs of these results into --output (no metrics)")
+    parser.add_argument("--floor-seeds", type=int, default=1,
+                        help="score this many random training subsets for the floor's spread")
     parser.add_argument("--grid-only", action="store_true",
                         help="only draw the grid of --samplers x --steps (no metrics, no JSON)")
     args = parser.parse_args(argv)
@@ -92,7 +94,19 @@ def main(argv=None) -> int:
                     "tensorflow": tf.__version__},
         "runs": [],
     }
-    print("floor", floor, skipped, flush=True)
+    if args.floor_seeds > 1:
+        # The spread of the metrics over subsets of real images of the same size: a lower
+        # bound on their sampling noise (the subsets of a 1500-image split overlap).
+        values = [evaluator.data_floor(args.num_samples, seed=args.seed + i)[0]
+                  for i in range(args.floor_seeds)]
+        result["floor"]["spread"] = {
+            key: {"mean": float(np.mean([v[key] for v in values])),
+                  "std": float(np.std([v[key] for v in values], ddof=1)),
+                  "min": float(min(v[key] for v in values)),
+                  "max": float(max(v[key] for v in values))}
+            for key in ("frechet_distance", "kid")}
+        result["floor"]["spread"]["seeds"] = [args.seed + i for i in range(args.floor_seeds)]
+    print("floor", result["floor"], skipped, flush=True)
     if args.merge:
         result = merge(args.merge, result)
     for name in args.samplers if not args.merge else ():
