@@ -110,7 +110,7 @@ class DPMSolverPlusPlus2M:
     Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
     Diffusion Probabilistic Models" (arXiv 2211.01095), Algorithm 2. In the log-SNR
     ``lambda = log(alpha / sigma)`` (``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``)
-    the ODE's exact solution from ``t`` to ``s`` is (Lu et al., eq. 9)
+    the ODE's exact solution from ``t`` to ``s`` is (variation of constants, Lu et al.)
 
         x_s = (sigma_s / sigma_t) x_t + sigma_s int_{lambda_t}^{lambda_s} e^l x0(l) dl;
 
