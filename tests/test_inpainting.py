@@ -265,6 +265,7 @@ def test_inpaint_validation(image_model):
         (dict(label=1, guidance_scale="2"), "guidance_scale"),
         (dict(label=1, guidance_scale=float("inf")), "guidance_scale"),
         (dict(seed=1.5), "seed"),
+        (dict(sampler="dpmpp_2m"), "single-step sampler"),
     ]
     for overrides, message in cases:
         kwargs = dict(images=images, mask=mask, num_steps=4)

@@ -112,7 +112,8 @@ class DiffusionTensorBoard(keras.callbacks.Callback):
       sample_every_epochs: write a ``samples`` image every this many epochs (0: never).
       num_samples: samples per image.
       sample_steps: sampler steps (capped at the chain length).
-      sampler: ``"ddim"`` or ``"ddpm"``.
+      sampler: one of :data:`tfngd.samplers.SAMPLERS` (``"ddim"``, ``"ddpm"``,
+        ``"dpmpp_2m"``) or of :data:`tfngd.sde.SDE_SAMPLERS`.
       seed: sampling seed (the same every time, so frames are comparable).
       update_freq: ``"epoch"``, or ``"batch"`` / an integer N: also write
         ``batch/*`` scalars every N optimizer steps. Batch-level metrics are

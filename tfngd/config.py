@@ -47,7 +47,8 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 # other values (another number of GPUs).
 RUNTIME_OPTIONS = ("strategy", "nonfinite_policy")
 # The samplers of each kind of model; the first is what sampler="auto" picks.
-MODEL_SAMPLERS = {"ddpm": ("ddim", "ddpm"), "score_sde": sde.SDE_SAMPLERS, "ndm": ("ddpm",)}
+MODEL_SAMPLERS = {"ddpm": ("ddim", "ddpm", "dpmpp_2m"), "score_sde": sde.SDE_SAMPLERS,
+                  "ndm": ("ddpm",)}
 SAMPLER_CHOICES = ("auto", *dict.fromkeys(s for kinds in MODEL_SAMPLERS.values() for s in kinds))
 
 
@@ -177,6 +178,8 @@ class TrainConfig:
         if self.sampler != "auto" and self.sampler not in MODEL_SAMPLERS[self.model]:
             raise ConfigError(f"sampler={self.sampler!r} does not sample a model={self.model!r}; "
                               f"choose one of: {', '.join(('auto', *MODEL_SAMPLERS[self.model]))}")
+        if self.sampler == "dpmpp_2m" and self.eta != 0.0:
+            raise ConfigError(f"sampler='dpmpp_2m' is deterministic: eta must be 0, not {self.eta}")
         if self.model == "score_sde":
             if self.timestep_sampler != "uniform":
                 raise ConfigError("model='score_sde' draws continuous times t ~ U(eps, 1): "
@@ -700,7 +703,7 @@ OPTION_HELP = {
     "for a DDPM on 2-D toy data), "
     + "; ".join(f"{kind}: {', '.join(names)}" for kind, names in MODEL_SAMPLERS.items()),
     "sample_steps": "sampling steps (respaced chain)",
-    "eta": "DDIM eta (0: deterministic)",
+    "eta": "DDIM eta (0: deterministic; must be 0 for dpmpp_2m)",
     "clip_x0": "clip the predicted x0 to [-1, 1] while sampling",
     "num_samples": "samples in the final grid (default: 64 images, or 2048 points for 2-D data)",
 }

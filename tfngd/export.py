@@ -15,7 +15,7 @@ denoiser) is one graph with no Python callbacks, written with
 ``keras.export.ExportArchive`` so that both ``tf.saved_model.load`` and the
 session-based loader of TF Serving and ``saved_model_cli run`` accept it.
 A ``learned_range`` model's ancestral (``ddpm``) sampler draws with the learned
-variance; DDIM uses its prediction channels only.
+variance; DDIM and DPM-Solver++ (``dpmpp_2m``) use its prediction channels only.
 
 Requests are checked inside the graph before anything is allocated: a bad
 one fails with ``InvalidArgumentError`` (HTTP 400 from TF Serving) whose
@@ -230,7 +230,8 @@ def export_sampler(
     Args:
       model: a :class:`DiffusionModel`; its ``ema_denoiser`` is exported.
       export_dir: the version directory, e.g. ``saved_models/<name>/<version>``.
-      sampler: ``"ddim"`` or ``"ddpm"`` (baked into the graph), with DDIM's ``eta``.
+      sampler: ``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"`` (baked into the graph), with
+        DDIM's ``eta`` (0 for ``"dpmpp_2m"``).
       spacing: respacing convention of the ``num_steps`` chain.
       clip_x0: clip predicted ``x_0`` to [-1, 1] (image models only).
       max_samples: largest ``num_samples`` a request may ask for (>= 1).

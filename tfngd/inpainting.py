@@ -191,6 +191,9 @@ def repaint(fn, diffusion: gd.GaussianDiffusion, images, mask, seed, schedule, s
     """
     sampler = sampler or samplers.AncestralSampler(diffusion.variance_type)
     learned_sampler = samplers.check_sampler(sampler, diffusion)
+    if getattr(sampler, "multistep", False):
+        raise ValueError("RePaint needs a single-step sampler (ddpm or ddim): its jumps back "
+                         "up the chain break a multistep sampler's history (dpmpp_2m)")
     images = tf.convert_to_tensor(images)
     dtype = images.dtype
     known = tf.broadcast_to(tf.cast(mask, dtype) > 0.5, tf.shape(images))

@@ -1,4 +1,4 @@
-"""Graph-mode samplers: ancestral DDPM and DDIM on any respaced chain.
+"""Graph-mode samplers: ancestral DDPM, DDIM and DPM-Solver++ (2M) on any respaced chain.
 
 A sampler is a small object with one method, ``step``, that maps ``x_t`` and
 the denoiser's predictions to ``x_s`` for the previous kept step ``s``
@@ -7,6 +7,11 @@ the denoiser's predictions to ``x_s`` for the previous kept step ``s``
 into one graph (and into a SavedModel) instead of a Python loop of model
 calls. It is deterministic for a given integer seed: every random draw is a
 stateless op seeded by ``(seed, step index)``.
+
+A *multistep* sampler (``multistep = True``) also remembers earlier steps: it has
+``initial_state(x_T)``, a tuple of tensors that :func:`sample` carries through the
+loop, and its ``step`` takes ``state=`` and returns ``(x_s, new_state)``. The
+single-step samplers carry an empty state, so their graphs are what they were.
 
 * Ancestral (Ho et al. 2020): ``x_s = c1 x0_hat + c2 x_t + sigma z`` with
   ``sigma^2 = beta~`` (``"fixed_small"``) or ``beta = 1 - abar_t / abar_s``
@@ -17,6 +22,13 @@ stateless op seeded by ``(seed, step index)``.
 * DDIM (Song et al. 2021): ``x_s = sqrt(abar_s) x0_hat +
   sqrt(1 - abar_s - sigma^2) eps_hat + sigma z`` with
   ``sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)``.
+* DPM-Solver++ (2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): the multistep
+  second-order solver of the probability-flow ODE in the data prediction, with
+  ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, ``lambda = log(alpha / sigma)`` and
+  ``h = lambda_s - lambda_t``: ``x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^-h) D``,
+  ``D = x0_hat + (h / (2 h_prev)) (x0_hat - x0_prev)``; first order (``D = x0_hat``,
+  which is DDIM with eta = 0) at the first step and at the last one, which lands on
+  ``abar = 1`` and returns ``x0_hat`` exactly.
 
 Classifier-free guidance (Ho & Salimans 2022) is a wrapper around the
 denoiser: ``out = out_u + w (out_c - out_u)`` (w = 1: purely conditional;
@@ -35,7 +47,7 @@ import tensorflow as tf
 from tfngd import gaussian_diffusion as gd
 from tfngd import schedules
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 
 class AncestralSampler:
@@ -92,11 +104,83 @@ class DDIMSampler:
                 + tf.cast(sigma, dtype) * noise)
 
 
+class DPMSolverPlusPlus2M:
+    """DPM-Solver++ (2M): multistep second-order solver of the probability-flow ODE.
+
+    Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+    Diffusion Probabilistic Models" (arXiv 2211.01095), Algorithm 2. In the log-SNR
+    ``lambda = log(alpha / sigma)`` (``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``)
+    the ODE's exact solution from ``t`` to ``s`` is (variation of constants, Lu et al.)
+
+        x_s = (sigma_s / sigma_t) x_t + sigma_s int_{lambda_t}^{lambda_s} e^l x0(l) dl;
+
+    DPM-Solver++ (2M) replaces ``x0(l)`` by the current ``x0_hat`` plus the backward
+    finite-difference slope ``(x0_hat - x0_prev) / h_prev`` of the previous step (a
+    multistep method: no extra network call), with the slope's weight kept to leading
+    order in ``h``:
+
+        h = lambda_s - lambda_t,   r = h_prev / h
+        D = (1 + 1 / (2 r)) x0_hat - (1 / (2 r)) x0_prev
+        x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^-h) D
+
+    The first step has no ``x0_prev`` and is first order (``D = x0_hat``: exactly DDIM
+    with eta = 0). So is the last: it goes to ``abar = 1`` (``sigma_s = 0``,
+    ``lambda_s = inf``, ``e^-h = 0``), where ``x_s = x0_hat`` is the exact solution of the
+    step and the second-order term would be ``0 * inf`` (``1 / r = inf``); this is the
+    reference implementations' first-order final step (``lower_order_final``;
+    diffusers' ``final_sigmas_type="zero"``). With K = 2 steps the sampler is therefore
+    DDIM; from K = 3 on the inner steps are second order.
+
+    ``e^-h = alpha_t sigma_s / (sigma_t alpha_s)`` is formed from the ratios, so it is
+    exact at both ends (``0`` at ``sigma_s = 0`` and at ``alpha_t = 0``, a zero-terminal-SNR
+    start). The coefficients are computed in float64 and cast at use. Deterministic: the
+    noise and a learned ``log_variance`` are ignored (as DDIM ignores them).
+    """
+
+    multistep = True
+
+    def initial_state(self, x_t):
+        """``(x0_prev, h_prev, has_prev)``: no previous step yet."""
+        return (tf.zeros_like(x_t), tf.zeros([], tf.float64), tf.constant(False))
+
+    def step(self, x_t, x0_hat, eps_hat, abar_t, abar_prev, noise, log_variance=None,
+             state=None):
+        """One step from ``abar_t`` to ``abar_prev``; returns ``(x_s, new_state)``."""
+        del eps_hat, noise, log_variance
+        x0_prev, h_prev, has_prev = self.initial_state(x_t) if state is None else state
+        abar_t = tf.cast(abar_t, tf.float64)
+        abar_prev = tf.cast(abar_prev, tf.float64)
+        alpha_t, sigma_t = tf.sqrt(abar_t), tf.sqrt(1.0 - abar_t)
+        alpha_s, sigma_s = tf.sqrt(abar_prev), tf.sqrt(1.0 - abar_prev)
+        # lambda_s = inf at abar_prev = 1; lambda_t = -inf at abar_t = 0 (zero terminal SNR).
+        h = (tf.math.log(alpha_s) - tf.math.log(sigma_s)) - (tf.math.log(alpha_t)
+                                                             - tf.math.log(sigma_t))
+        exp_neg_h = alpha_t * sigma_s / (sigma_t * alpha_s)
+        second_order = tf.logical_and(has_prev, sigma_s > 0.0)
+        # 1 / (2 r) = h / (2 h_prev); selected as a scalar so the unused inf never reaches x.
+        correction = tf.where(second_order, h / (2.0 * h_prev), tf.zeros([], tf.float64))
+        dtype = x_t.dtype
+        data = x0_hat + tf.cast(correction, dtype) * (x0_hat - x0_prev)
+        x_s = (tf.cast(sigma_s / sigma_t, dtype) * x_t
+               + tf.cast(alpha_s * (1.0 - exp_neg_h), dtype) * data)
+        return x_s, (x0_hat, h, tf.constant(True))
+
+
 def make_sampler(name: str, variance_type: str = "fixed_small", eta: float = 0.0):
+    """The sampler called ``name`` (one of :data:`SAMPLERS`).
+
+    ``variance_type`` is the ancestral sampler's; ``eta`` is DDIM's and must be 0 for the
+    deterministic ``"dpmpp_2m"``.
+    """
     if name == "ddpm":
         return AncestralSampler(variance_type)
     if name == "ddim":
         return DDIMSampler(eta)
+    if name == "dpmpp_2m":
+        if eta != 0.0:
+            raise ValueError(f"eta is DDIM's noise level; sampler 'dpmpp_2m' is deterministic "
+                             f"and needs eta=0, got {eta}")
+        return DPMSolverPlusPlus2M()
     raise ValueError(f"Unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
 
 
@@ -168,7 +252,7 @@ def check_sampler(sampler, diffusion: gd.GaussianDiffusion) -> bool:
 
 
 def reverse_step(fn, diffusion: gd.GaussianDiffusion, sampler, x, t, abar_t, abar_prev, noise,
-                 clip_x0: bool = False, log_variance_bounds=None):
+                 clip_x0: bool = False, log_variance_bounds=None, **step_kwargs):
     """One reverse step ``x_t -> x_prev`` of a (respaced) chain: the denoiser, then ``sampler``.
 
     Calls ``fn(x, t)``, converts its prediction to ``(x0_hat, eps_hat)``
@@ -177,7 +261,8 @@ def reverse_step(fn, diffusion: gd.GaussianDiffusion, sampler, x, t, abar_t, aba
     ``sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise)``. For a sampler with a
     learned variance, ``log_variance_bounds = (log beta', log beta~')`` of this step of the
     chain (:func:`tfngd.gaussian_diffusion.respaced_log_variance_bounds`) turn the
-    network's variance channels into the step's ``log_variance``.
+    network's variance channels into the step's ``log_variance``. ``step_kwargs`` go to
+    ``sampler.step`` (a multistep sampler's ``state``; it then returns ``(x_prev, state)``).
     """
     dtype = x.dtype
     output = tf.cast(fn(x, tf.fill([tf.shape(x)[0]], t)), dtype)
@@ -189,10 +274,9 @@ def reverse_step(fn, diffusion: gd.GaussianDiffusion, sampler, x, t, abar_t, aba
         x0_hat = tf.clip_by_value(x0_hat, -1.0, 1.0)
         eps_hat = gd.eps_from_x0(x, x0_hat, tf.cast(abar_t, dtype))
     if log_variance_bounds is not None:
-        log_variance = gd.learned_range_log_variance(var_values, *log_variance_bounds)
-        return sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise,
-                            log_variance=log_variance)
-    return sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise)
+        step_kwargs["log_variance"] = gd.learned_range_log_variance(var_values,
+                                                                    *log_variance_bounds)
+    return sampler.step(x, x0_hat, eps_hat, abar_t, abar_prev, noise, **step_kwargs)
 
 
 def sample(
@@ -214,7 +298,9 @@ def sample(
       shape: shape of the batch of samples (a list or a 1-D int tensor).
       seed: integer seed (Python int or scalar tensor).
       num_steps: K, Python int or int32 scalar tensor, ``1 <= K <= T``.
-      sampler: an :class:`AncestralSampler` / :class:`DDIMSampler` (DDIM, eta=0 by default).
+      sampler: an :class:`AncestralSampler`, :class:`DDIMSampler` or
+        :class:`DPMSolverPlusPlus2M` (default: DDIM, eta=0); a multistep sampler's state
+        is carried through the loop.
       spacing: respacing convention (see :mod:`tfngd.schedules`).
       clip_x0: clip the predicted ``x_0`` to [-1, 1] at every step (and
         recompute ``eps`` from it).
@@ -224,7 +310,7 @@ def sample(
     sampler, and an ancestral ``learned_range`` sampler draws with the learned variance
     interpolated between the respaced chain's ``beta'`` and ``beta~'``
     (:func:`tfngd.gaussian_diffusion.respaced_log_variance_bounds`), as the reference's
-    ``SpacedDiffusion`` does. DDIM ignores the variance channels.
+    ``SpacedDiffusion`` does. DDIM and DPM-Solver++ ignore the variance channels.
 
     Returns:
       The samples ``x_0``, of the given shape.
@@ -236,17 +322,24 @@ def sample(
         log_beta_kept, log_beta_tilde_kept = gd.respaced_log_variance_bounds(abar_kept)
     x = tf.random.stateless_normal(shape, seed=step_seed(seed, 0), dtype=dtype)
 
-    def body(i, x):
+    multistep = getattr(sampler, "multistep", False)
+    state = sampler.initial_state(x) if multistep else ()
+
+    def body(i, x, state):
         noise = tf.random.stateless_normal(tf.shape(x), seed=step_seed(seed, i + 1), dtype=dtype)
         noise = noise * tf.cast(i > 0, dtype)
         bounds = (log_beta_kept[i], log_beta_tilde_kept[i]) if learned_sampler else None
-        return i - 1, reverse_step(fn, diffusion, sampler, x, timesteps[i], abar_kept[i],
-                                   abar_prev_kept[i], noise, clip_x0, bounds)
+        stepped = reverse_step(fn, diffusion, sampler, x, timesteps[i], abar_kept[i],
+                               abar_prev_kept[i], noise, clip_x0, bounds,
+                               **({"state": state} if multistep else {}))
+        x, state = stepped if multistep else (stepped, state)
+        return i - 1, x, state
 
-    _, x = tf.while_loop(
-        lambda i, _: i >= 0,
+    _, x, _ = tf.while_loop(
+        lambda i, *_: i >= 0,
         body,
-        (tf.shape(timesteps)[0] - 1, x),
-        shape_invariants=(tf.TensorShape([]), x.shape),
+        (tf.shape(timesteps)[0] - 1, x, state),
+        shape_invariants=(tf.TensorShape([]), x.shape,
+                          tf.nest.map_structure(lambda v: v.shape, state)),
     )
     return x
