@@ -465,6 +465,7 @@ class TFLiteDenoiser:
         self.data_shape = tuple(int(d) for d in details["x"]["shape_signature"][1:])
         output = self._runner.get_output_details()[OUTPUT_NAME]["shape_signature"]
         self.output_shape = tuple(int(d) for d in output[1:])
+        self.sample_functions = {}  # traced sampler graphs of :func:`sample`
 
     @property
     def conditional(self) -> bool:
@@ -501,20 +502,27 @@ def sample(denoiser, model: DiffusionModel, num_samples: int, seed: int = 0,
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if model.num_classes is not None and label is None:
         label = model.null_label
-    step = samplers.make_sampler(sampler, model.diffusion.variance_type, eta)
-    shape = [num_samples, *model.data_shape]
-    clip = clip_x0 and model.is_image_model
+    clip = bool(clip_x0) and model.is_image_model
+    # One traced graph per setting, as DiffusionModel.sample keeps (seed, steps, label and
+    # guidance are tensors); cached on a TFLiteDenoiser, so repeated calls do not retrace.
+    cache = getattr(denoiser, "sample_functions", {})
+    key = (id(model), num_samples, sampler, float(eta), spacing, clip, label is None,
+           guidance_scale is None)
+    if key not in cache:
+        step = samplers.make_sampler(sampler, model.diffusion.variance_type, eta)
+        shape = [num_samples, *model.data_shape]
 
-    @tf.function
-    def run():
-        labels = (None if label is None
-                  else tf.broadcast_to(tf.constant(label, tf.int32), [num_samples]))
-        fn = samplers.denoiser_fn(
-            denoiser, labels, None if guidance_scale is None else
-            tf.constant(guidance_scale, tf.float32), model.null_label,
-            learned_variance=model.diffusion.learns_variance)
-        return samplers.sample(fn, model.diffusion, shape, tf.constant(seed, tf.int64),
-                               tf.constant(num_steps, tf.int32), step, spacing, clip)
+        @tf.function(reduce_retracing=True)
+        def run(seed, num_steps, label, guidance_scale):
+            if label is not None:
+                label = tf.broadcast_to(label, [num_samples])
+            fn = samplers.denoiser_fn(denoiser, label, guidance_scale, model.null_label,
+                                      learned_variance=model.diffusion.learns_variance)
+            return samplers.sample(fn, model.diffusion, shape, seed, num_steps, step, spacing,
+                                   clip)
 
-    return run()
-
+        cache[key] = run
+    return cache[key](
+        tf.constant(seed, tf.int64), tf.constant(num_steps, tf.int32),
+        None if label is None else tf.constant(label, tf.int32),
+        None if guidance_scale is None else tf.constant(guidance_scale, tf.float32))
