@@ -93,6 +93,8 @@ def main():
                         help="where to write the .tflite files (default: a temporary folder)")
     parser.add_argument("--output", default="benchmarks/results/quantization_digits.json")
     parser.add_argument("--image", default="docs/images/quantization_digits.png")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="sizes, errors and timings only (no sample quality, no image)")
     args = parser.parse_args()
 
     config, model, _ = runs.load_trained_model(args.run_dir)
@@ -162,6 +164,11 @@ def main():
                              args.sample_repeats)
         for name, fn in samplers_by_name.items()}
 
+    if args.timing_only:
+        result["load_average_end"] = os.getloadavg()
+        _write(result, args.output)
+        return
+
     # -- sample quality, same seeds for every model
     evaluator = SampleEvaluator("images", splits.eval, config.dataset, train=splits.train)
     classifier = FeatureExtractor(config.dataset)
@@ -205,12 +212,16 @@ def main():
                            for k in range(model.num_classes)])[:count]
     images.save_png(args.image, comparison_image(conditional_samples["keras"][pick],
                                                  conditional_samples["tflite_int8"][pick]))
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
+    _write(result, args.output)
+    print(json.dumps(quality, indent=2))
+
+
+def _write(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({k: result[k] for k in ("bytes", "denoiser_error", "seconds_per_call",
                                              "seconds_per_sample_run")}, indent=2))
-    print(json.dumps(quality, indent=2))
 
 
 if __name__ == "__main__":
