@@ -128,7 +128,7 @@ def markdown_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", default="/work/models/digits_cond")
+    parser.add_argument("--run-dir", default="runs/digits_cond")
     parser.add_argument("--num-images", type=int, default=None,
                         help="the first N held-out digits (default: all 297)")
     parser.add_argument("--settings", default="50:1:1,250:1:1,50:5:5",

@@ -1,6 +1,6 @@
 """int8 post-training quantization of the trained digits sampler: size, speed, sample quality.
 
-    python -m benchmarks.quantization --run-dir /work/models/digits_cond
+    python -m benchmarks.quantization --run-dir runs/digits_cond
 
 Converts the run's EMA denoiser with :mod:`tfngd.quantization` (float32, int8 calibrated
 on ``q(x_t | x_0)`` over the training split, dynamic range) and measures
@@ -81,7 +81,7 @@ def comparison_image(float_samples, int8_samples, per_row: int = 10) -> np.ndarr
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", default="/work/models/digits_cond")
+    parser.add_argument("--run-dir", default="runs/digits_cond")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=100,

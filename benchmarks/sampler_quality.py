@@ -1,6 +1,6 @@
 """Sample quality against the number of steps: ancestral DDPM, DDIM and DPM-Solver++ (2M).
 
-    python -m benchmarks.sampler_quality --run-dir /work/models/digits_cond
+    python -m benchmarks.sampler_quality --run-dir runs/digits_cond
 
 Draws ``--num-samples`` unconditional samples (``label=None``: the null label of a
 class-conditional model) of a trained run's EMA model with each sampler at each number
@@ -42,7 +42,7 @@ def _timed(fn):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", default="/work/models/digits_cond")
+    parser.add_argument("--run-dir", default="runs/digits_cond")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (same for all)")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
