@@ -279,8 +279,9 @@ class KLAutoencoder(keras.Model):
         times :attr:`scale_factor` when ``scaled`` (what the latent diffusion model sees)."""
         images = np.asarray(images, dtype=np.float32)
         if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"images must have shape [N, {', '.join(map(str, self.image_shape))}]"
-                             f" (the autoencoder's image_shape), got {list(images.shape)}")
+            shape = ", ".join(map(str, self.image_shape))
+            raise ValueError(f"images must have shape [N, {shape}] (the autoencoder's "
+                             f"image_shape), got {list(images.shape)}")
         encode = self._encode_function()
         means = [encode(tf.constant(images[i:i + batch_size]))
                  for i in range(0, len(images), batch_size)]
@@ -298,8 +299,9 @@ class KLAutoencoder(keras.Model):
         when ``scaled``; clipped to the image range [-1, 1] when ``clip``."""
         z = tf.convert_to_tensor(latents, tf.float32)
         if tuple(z.shape[1:]) != self.latent_shape:
-            raise ValueError(f"latents must have shape [N, {', '.join(map(str, self.latent_shape))}]"
-                             f" (the autoencoder's latent_shape), got {list(z.shape)}")
+            shape = ", ".join(map(str, self.latent_shape))
+            raise ValueError(f"latents must have shape [N, {shape}] (the autoencoder's "
+                             f"latent_shape), got {list(z.shape)}")
         if scaled:
             z = z / tf.cast(self.scale_factor, tf.float32)
         x = self.decoder(z, training=False)
