@@ -1,7 +1,7 @@
 """A KL-regularised convolutional autoencoder: the first stage of latent diffusion.
 
 Rombach et al. 2022 (*High-Resolution Image Synthesis with Latent Diffusion
-Models*, section 3.1 and appendix G) train the diffusion model in the latent
+Models*, section 3.1) train the diffusion model in the latent
 space of an autoencoder whose encoder outputs a diagonal Gaussian posterior
 
     q(z | x) = N(z; mu(x), diag(exp(logvar(x))))
@@ -291,7 +291,11 @@ class KLAutoencoder(keras.Model):
 
     def _encode_function(self):
         if getattr(self, "_encode_fn", None) is None:
-            self._encode_fn = tf.function(lambda x: self.posterior(x)[0], reduce_retracing=True)
+            def posterior_mean(x):
+                return self.posterior(x)[0]
+
+            self._encode_fn = tf.function(posterior_mean, autograph=False,
+                                          reduce_retracing=True)
         return self._encode_fn
 
     def decode(self, latents, scaled: bool = True, clip: bool = True):

@@ -1,4 +1,6 @@
-"""``python -m trainers.train_latent``: latent diffusion (Rombach et al. 2022) with ``model.fit``.
+"""``tfngd-train-latent``: latent diffusion (Rombach et al. 2022) with ``model.fit``.
+
+Also ``python -m trainers.train_latent``.
 
 Two stages in one run directory (default ``runs/latent_<dataset>``):
 
@@ -30,7 +32,7 @@ from tfngd import checkpointing, runs
 from tfngd import data as data_lib
 from tfngd.config import ConfigError, TrainConfig
 
-PROGRAM = "train_latent"
+PROGRAM = "tfngd-train-latent"
 AE_DIR = "autoencoder"
 AE_FILE = "autoencoder.keras"
 AE_REPORT = "report.json"
