@@ -51,8 +51,10 @@ def main(argv=None) -> int:
     parser.add_argument("--run-dir", default=os.path.join("runs", "bench_latent_mnist"))
     parser.add_argument("--keep", action="store_true", help="resume an existing run directory")
     parser.add_argument("--quick", action="store_true", help="a smoke run (tiny budgets)")
-    parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--timing-steps", type=int, default=5)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--timing-steps", type=int, default=4)
+    parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -91,8 +93,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     chunk = 500
     samples = np.concatenate([
-        np.asarray(model.sample(min(chunk, num - i), seed=1000 + i, num_steps=50,
-                                sampler="ddim", decode=True))
+        np.asarray(model.sample(min(chunk, num - i), seed=1000 + i,
+                                num_steps=args.sample_steps, sampler=args.sampler,
+                                decode=True))
         for i in range(0, num, chunk)])
     sample_seconds = time.perf_counter() - started
     sample_metrics, skipped = evaluator(samples)
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
         os.path.join(IMAGES, f"latent_mnist_reconstructions{suffix}.png"),
         images.samples_to_image(pairs, ncols=16))
     result = {
-        "command": "python -m benchmarks.latent_mnist" + (" --quick" if quick else ""),
+        "command": "python -m benchmarks.latent_mnist" + (" --quick" if quick else "")
+        + (" --keep" if args.keep else ""),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "note": "2 CPU cores shared with other jobs (contended)"},
         "data": {"dataset": "mnist", "data_dir": args.data_dir, "train": len(splits.train),
@@ -152,7 +156,8 @@ def main(argv=None) -> int:
         "sample_quality": {
             "num_samples": num, "reference": f"{len(splits.eval)} held-out images",
             "feature_space": "tfngd.feature_classifier mnist",
-            "latent_samples": {**sample_metrics, "sampler": "ddim", "num_steps": 50,
+            "latent_samples": {**sample_metrics, "sampler": args.sampler,
+                               "num_steps": args.sample_steps, "spacing": "leading",
                                "seconds": sample_seconds},
             "autoencoder_floor": ae_floor, "data_floor": data_floor, "skipped": skipped},
         "step_time": {"batch_size": batch, "timing_steps": steps,

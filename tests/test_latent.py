@@ -203,12 +203,14 @@ def test_decoding_export_served_by_saved_model_cli(latent_model, tmp_path):
     if cli is None:
         pytest.skip("saved_model_cli is not installed")
     path = export.export_sampler(latent_model, str(tmp_path / "latent" / "1"),
+                                 spacing=latent.LATENT_SPACING,
                                  decoder=latent_model.image_decoder(), max_samples=4)
     meta = export.read_export_metadata(path)
     assert meta["decoder"] == {"name": "latent_decoder", "latent_shape": [4, 4, 2],
                                "image_shape": [8, 8, 1]}
     assert meta["output"] == {"name": "samples", "dtype": "uint8", "shape": [None, 8, 8, 1]}
     assert meta["sampler"]["clip_x0"] is False and meta["data_shape"] == [4, 4, 2]
+    assert meta["sampler"]["spacing"] == "leading"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
 
