@@ -38,7 +38,7 @@ IMAGES = os.path.join("docs", "images")
 
 
 def _step_time(model, batches, steps: int, warmup: int = 3) -> float:
-    """Seconds per ``train_step`` (median of ``steps`` single-step ``fit`` calls' mean)."""
+
     model.fit(batches, steps_per_epoch=warmup, epochs=1, verbose=0)
     started = time.perf_counter()
     model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0)
