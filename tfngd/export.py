@@ -10,6 +10,9 @@
              guidance_scale float32 scalar finite, >= 0              (conditional models)
     outputs  samples        uint8 [n, H, W, C] for images, float32 [n, D] for vector data
 
+With ``decoder`` (latent diffusion, :mod:`tfngd.latent`) the graph also decodes the
+sampled latents, ``samples = decoder(z_0)``: uint8 images of the decoder's output shape.
+
 The whole chain (``tfngd.samplers.sample``: a ``tf.while_loop`` over the EMA
 denoiser) is one graph with no Python callbacks, written with
 ``keras.export.ExportArchive`` so that both ``tf.saved_model.load`` and the
@@ -25,7 +28,8 @@ message names the input and its allowed range, e.g.
 The export is written to a hidden sibling directory and renamed into place,
 so a server watching ``saved_models/<name>/`` never sees a half-written
 version. ``assets.extra/tfngd_export.json`` records the data shape, schedule,
-sampler and limits (read it with :func:`read_export_metadata`).
+sampler and limits (read it with :func:`read_export_metadata`); a decoding export
+also records ``"decoder": {"name", "latent_shape", "image_shape"}``.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     return int(value)
 
 
-def _check_finite_weights(network) -> None:
+def _check_finite_weights(network, what: str = "the EMA weights") -> None:
     """ValueError naming every weight of ``network`` that holds a NaN or an infinity."""
     bad = {}
     for weight in network.weights:
@@ -131,15 +135,22 @@ def _check_finite_weights(network) -> None:
             bad[weight.path] = count
     if bad:
         raise ValueError(
-            f"the EMA weights hold {sum(bad.values())} non-finite value(s) (NaN or inf), so "
+            f"{what} hold {sum(bad.values())} non-finite value(s) (NaN or inf), so "
             "the sampler would serve NaN; not exported. Weights: "
             + ", ".join(f"{path} ({count})" for path, count in bad.items()))
+
+
+def _decoded_shape(decoder, data_shape) -> list[int]:
+    """The decoder's image shape; ``ValueError`` naming ``decoder`` when it does not fit."""
+    from tfngd.latent import check_decoder
+
+    return list(check_decoder(decoder, data_shape, name="decoder"))
 
 
 def build_serving_function(model: DiffusionModel, *, sampler: str = "ddim", eta: float = 0.0,
                            spacing: str = "trailing", clip_x0: bool = True,
                            max_samples: int = 64, max_steps: int | None = None,
-                           output: str = "auto"):
+                           output: str = "auto", decoder: keras.Model | None = None):
     """The serving function and its input signature (a list of named scalar ``TensorSpec``).
 
     Arguments as in :func:`export_sampler`. The function takes the inputs
@@ -157,10 +168,12 @@ def build_serving_function(model: DiffusionModel, *, sampler: str = "ddim", eta:
     max_samples = _check_int("max_samples", max_samples, 1)
     max_steps = _check_int("max_steps", num_timesteps if max_steps is None else max_steps,
                            1, num_timesteps)
-    output = _resolve_output(output, model.is_image_model)
+    data_shape = [int(s) for s in model.data_shape]
+    image_shape = None if decoder is None else _decoded_shape(decoder, data_shape)
+    output = _resolve_output(output, model.is_image_model or decoder is not None)
     step = samplers.make_sampler(sampler, model.diffusion.variance_type, eta)
     clip = bool(clip_x0) and model.is_image_model
-    data_shape = [int(s) for s in model.data_shape]
+    output_shape = data_shape if decoder is None else image_shape
     denoiser, diffusion = model.ema_denoiser, model.diffusion
     num_classes, null_label = model.num_classes, model.null_label
 
@@ -177,6 +190,9 @@ def build_serving_function(model: DiffusionModel, *, sampler: str = "ddim", eta:
         x = samplers.sample(fn, diffusion, [num_samples, *data_shape], seed, num_steps, step,
                             spacing, clip)
         x = tf.ensure_shape(x, [None, *data_shape])
+        if decoder is not None:  # latents -> images in [-1, 1]
+            x = tf.clip_by_value(tf.cast(decoder(x, training=False), tf.float32), -1.0, 1.0)
+            x = tf.ensure_shape(x, [None, *image_shape])
         return {OUTPUT_KEY: _to_uint8(x) if output == "uint8" else tf.cast(x, tf.float32)}
 
     signature = [
@@ -200,15 +216,18 @@ def build_serving_function(model: DiffusionModel, *, sampler: str = "ddim", eta:
         "format_version": FORMAT_VERSION,
         "signature_name": SIGNATURE_NAME,
         "inputs": {spec.name: spec.dtype.name for spec in signature},
-        "output": {"name": OUTPUT_KEY, "dtype": output, "shape": [None, *data_shape]},
+        "output": {"name": OUTPUT_KEY, "dtype": output, "shape": [None, *output_shape]},
         "data_shape": data_shape,
-        "is_image": model.is_image_model,
+        "is_image": model.is_image_model or decoder is not None,
         "num_classes": num_classes,
         "diffusion": diffusion.get_config(),
         "sampler": {"name": sampler, "eta": float(eta), "spacing": spacing, "clip_x0": clip},
         "limits": {"max_samples": max_samples, "max_steps": max_steps,
                    "label": None if num_classes is None else [0, num_classes - 1]},
     }
+    if decoder is not None:
+        metadata["decoder"] = {"name": decoder.name, "latent_shape": data_shape,
+                               "image_shape": image_shape}
     return serve, signature, metadata
 
 
@@ -224,6 +243,7 @@ def export_sampler(
     max_steps: int | None = None,
     output: str = "auto",
     overwrite: bool = False,
+    decoder: keras.Model | None = None,
 ) -> str:
     """Write the EMA sampler of ``model`` as a SavedModel at ``export_dir``; return the path.
 
@@ -240,6 +260,11 @@ def export_sampler(
         or ``"float32"`` (images in [-1, 1]).
       overwrite: replace an existing non-empty ``export_dir`` (otherwise
         ``FileExistsError``).
+      decoder: latent diffusion: a Keras model ``latents [n, *data_shape] -> images
+        [n, H, W, C]`` (e.g. :meth:`tfngd.latent.LatentDiffusionModel.image_decoder`), run
+        on the sampled latents inside the graph; its output is clipped to [-1, 1] and
+        served as uint8 (``output="auto"``) or float32 images. Its input must have the
+        model's data shape (``ValueError`` otherwise).
 
     Raises:
       ValueError: an argument is out of range or unknown (the message lists the choices),
@@ -247,8 +272,10 @@ def export_sampler(
     """
     serve, signature, metadata = build_serving_function(
         model, sampler=sampler, eta=eta, spacing=spacing, clip_x0=clip_x0,
-        max_samples=max_samples, max_steps=max_steps, output=output)
+        max_samples=max_samples, max_steps=max_steps, output=output, decoder=decoder)
     _check_finite_weights(model.ema_denoiser)
+    if decoder is not None:
+        _check_finite_weights(decoder, "the decoder's weights")
     export_dir = os.path.abspath(os.fspath(export_dir))
     if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
         raise FileExistsError(f"{export_dir} exists and is not empty (pass overwrite=True)")
@@ -257,6 +284,8 @@ def export_sampler(
 
     archive = keras.export.ExportArchive()
     archive.track(model.ema_denoiser)
+    if decoder is not None:
+        archive.track(decoder)
     archive.add_endpoint(SIGNATURE_NAME, serve, input_signature=signature)
 
     # Write beside the target under a name TF Serving ignores (not a number), then rename.

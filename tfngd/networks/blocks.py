@@ -47,7 +47,9 @@ class ResidualBlock(keras.layers.Layer):
     """``x + conv(drop(swish(GN(conv(swish(GN(x))) + Dense(swish(emb))))))`` (Ho et al. 2020).
 
     The last convolution is zero-initialised so that every block starts as
-    the identity map (improved-diffusion's ``zero_module``).
+    the identity map (improved-diffusion's ``zero_module``). Called on ``[x, emb]``
+    (a denoiser's conditioning embedding) or on ``x`` alone (no embedding term and
+    no ``time_proj`` layer: the autoencoder of :mod:`tfngd.autoencoder`).
     """
 
     def __init__(self, channels: int, groups: int = 8, dropout: float = 0.0, **kwargs):
@@ -56,8 +58,16 @@ class ResidualBlock(keras.layers.Layer):
         self.groups = int(groups)
         self.dropout_rate = float(dropout)
 
+    @staticmethod
+    def _split(value):
+        """``(x, emb)`` of the inputs (tensors or shapes); ``emb`` is None for ``x`` alone."""
+        if isinstance(value, (list, tuple)) and len(value) == 2 \
+                and not isinstance(value[0], (int, type(None))):
+            return value[0], value[1]
+        return value, None
+
     def build(self, input_shape):
-        x_shape, emb_shape = input_shape
+        x_shape, emb_shape = self._split(input_shape)
         in_channels = x_shape[-1]
         for channels in (in_channels, self.channels):
             if channels % self.groups:
@@ -66,7 +76,8 @@ class ResidualBlock(keras.layers.Layer):
                 )
         self.norm1 = keras.layers.GroupNormalization(self.groups, epsilon=1e-5, name="norm1")
         self.conv1 = keras.layers.Conv2D(self.channels, 3, padding="same", name="conv1")
-        self.time_proj = keras.layers.Dense(self.channels, name="time_proj")
+        self.time_proj = (None if emb_shape is None
+                          else keras.layers.Dense(self.channels, name="time_proj"))
         self.norm2 = keras.layers.GroupNormalization(self.groups, epsilon=1e-5, name="norm2")
         self.dropout = keras.layers.Dropout(self.dropout_rate)
         self.conv2 = keras.layers.Conv2D(
@@ -74,7 +85,8 @@ class ResidualBlock(keras.layers.Layer):
         )
         self.norm1.build(x_shape)
         self.conv1.build(x_shape)
-        self.time_proj.build(emb_shape)
+        if self.time_proj is not None:
+            self.time_proj.build(emb_shape)
         hidden_shape = (*x_shape[:-1], self.channels)
         self.norm2.build(hidden_shape)
         self.conv2.build(hidden_shape)
@@ -85,15 +97,16 @@ class ResidualBlock(keras.layers.Layer):
             self.skip = None
 
     def call(self, inputs, training=False):
-        x, emb = inputs
+        x, emb = self._split(inputs)
         h = self.conv1(ops.silu(self.norm1(x)))
-        h = h + self.time_proj(ops.silu(emb))[:, None, None, :]
+        if emb is not None:
+            h = h + self.time_proj(ops.silu(emb))[:, None, None, :]
         h = self.conv2(self.dropout(ops.silu(self.norm2(h)), training=training))
         skip = x if self.skip is None else self.skip(x)
         return skip + h
 
     def compute_output_shape(self, input_shape):
-        return (*input_shape[0][:-1], self.channels)
+        return (*self._split(input_shape)[0][:-1], self.channels)
 
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "groups": self.groups,
