@@ -202,8 +202,8 @@ def test_decoding_export_served_by_saved_model_cli(latent_model, tmp_path):
     cli = shutil.which("saved_model_cli")
     if cli is None:
         pytest.skip("saved_model_cli is not installed")
+    # No spacing given: a decoding export defaults to the latent models' (leading).
     path = export.export_sampler(latent_model, str(tmp_path / "latent" / "1"),
-                                 spacing=latent.LATENT_SPACING,
                                  decoder=latent_model.image_decoder(), max_samples=4)
     meta = export.read_export_metadata(path)
     assert meta["decoder"] == {"name": "latent_decoder", "latent_shape": [4, 4, 2],

@@ -126,7 +126,21 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     return int(value)
 
 
-def _check_finite_weights(network, what: str = "the EMA weights") -> None:
+def default_spacing(decoder=None) -> str:
+    """``"trailing"`` for data-space models, :data:`tfngd.latent.LATENT_SPACING` for latent ones.
+
+    Latents cannot be clipped, and the trailing chain's first step at ``t = T - 1``
+    amplifies the noise-prediction error of the unclipped ``x0`` prediction by
+    ``1 / sqrt(abar_{T-1})`` (about 2e4 on the cosine schedule; docs/latent.md).
+    """
+    if decoder is None:
+        return "trailing"
+    from tfngd.latent import LATENT_SPACING
+
+    return LATENT_SPACING
+
+
+def check_finite_weights(network, what: str = "the EMA weights") -> None:
     """ValueError naming every weight of ``network`` that holds a NaN or an infinity."""
     bad = {}
     for weight in network.weights:
@@ -148,7 +162,7 @@ def _decoded_shape(decoder, data_shape) -> list[int]:
 
 
 def build_serving_function(model: DiffusionModel, *, sampler: str = "ddim", eta: float = 0.0,
-                           spacing: str = "trailing", clip_x0: bool = True,
+                           spacing: str | None = None, clip_x0: bool = True,
                            max_samples: int = 64, max_steps: int | None = None,
                            output: str = "auto", decoder: keras.Model | None = None):
     """The serving function and its input signature (a list of named scalar ``TensorSpec``).
@@ -159,6 +173,7 @@ def build_serving_function(model: DiffusionModel, *, sampler: str = "ddim", eta:
     if sampler not in samplers.SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; valid samplers: "
                          f"{', '.join(samplers.SAMPLERS)}")
+    spacing = default_spacing(decoder) if spacing is None else spacing
     if spacing not in schedules.SPACINGS:
         raise ValueError(f"Unknown spacing {spacing!r}; valid spacings: "
                          f"{', '.join(schedules.SPACINGS)}")
@@ -237,7 +252,7 @@ def export_sampler(
     *,
     sampler: str = "ddim",
     eta: float = 0.0,
-    spacing: str = "trailing",
+    spacing: str | None = None,
     clip_x0: bool = True,
     max_samples: int = 64,
     max_steps: int | None = None,
@@ -252,7 +267,8 @@ def export_sampler(
       export_dir: the version directory, e.g. ``saved_models/<name>/<version>``.
       sampler: ``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"`` (baked into the graph), with
         DDIM's ``eta`` (0 for ``"dpmpp_2m"``).
-      spacing: respacing convention of the ``num_steps`` chain.
+      spacing: respacing convention of the ``num_steps`` chain; default
+        :func:`default_spacing` (``"trailing"``; ``"leading"`` with a ``decoder``).
       clip_x0: clip predicted ``x_0`` to [-1, 1] (image models only).
       max_samples: largest ``num_samples`` a request may ask for (>= 1).
       max_steps: largest ``num_steps`` (default and upper bound: the model's T).
@@ -273,9 +289,9 @@ def export_sampler(
     serve, signature, metadata = build_serving_function(
         model, sampler=sampler, eta=eta, spacing=spacing, clip_x0=clip_x0,
         max_samples=max_samples, max_steps=max_steps, output=output, decoder=decoder)
-    _check_finite_weights(model.ema_denoiser)
+    check_finite_weights(model.ema_denoiser)
     if decoder is not None:
-        _check_finite_weights(decoder, "the decoder's weights")
+        check_finite_weights(decoder, "the decoder's weights")
     export_dir = os.path.abspath(os.fspath(export_dir))
     if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
         raise FileExistsError(f"{export_dir} exists and is not empty (pass overwrite=True)")

@@ -72,7 +72,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfngd import samplers
-from tfngd.export import _check_finite_weights
+from tfngd.export import check_finite_weights
 from tfngd.model import DiffusionModel
 
 MODES = ("float32", "dynamic_range", "int8")
@@ -396,7 +396,7 @@ def export_tflite(model: DiffusionModel, output_dir: str, modes=("float32", "int
     versions (TF Serving only loads numeric version directories). Every file is written
     to a temporary name and renamed. ``calibration`` as in :func:`convert`.
     """
-    _check_finite_weights(_check_model(model).ema_denoiser)
+    check_finite_weights(_check_model(model).ema_denoiser)
     converted = convert_modes(model, modes, calibration)
     os.makedirs(output_dir, exist_ok=True)
     paths, files = {}, {}
