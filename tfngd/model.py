@@ -490,12 +490,15 @@ class DiffusionModel(PrebuiltModel):
         label=None,
         guidance_scale=None,
         use_ema: bool = True,
+        denoiser=None,
     ) -> tf.Tensor:
         """Draw samples in [-1, 1] (for images) with a graph-mode sampler.
 
         ``num_steps`` defaults to the full chain. ``clip_x0`` applies to image
-        models only (vector data is unbounded and never clipped). See
-        :func:`tfngd.samplers.sample`.
+        models only (vector data is unbounded and never clipped). ``denoiser``: a
+        callable with the network's call convention ``denoiser([x, t(, label)],
+        training=False)`` to run in place of the EMA (``use_ema``) or raw network, e.g.
+        a :class:`tfngd.quantization.TFLiteDenoiser`. See :func:`tfngd.samplers.sample`.
         """
         clip_x0 = clip_x0 and self.is_image_model
         if num_steps is None:
@@ -507,11 +510,12 @@ class DiffusionModel(PrebuiltModel):
                              f"length of the chain), got {num_steps}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if denoiser is None:
+            denoiser = self.ema_denoiser if use_ema else self.denoiser
         key = (num_samples, sampler, float(eta), spacing, clip_x0, label is None,
-               guidance_scale is None, use_ema)
+               guidance_scale is None, denoiser)
         if key not in self._sample_functions:
             step = samplers.make_sampler(sampler, self.diffusion.variance_type, eta)
-            denoiser = self.ema_denoiser if use_ema else self.denoiser
 
             @tf.function(reduce_retracing=True)
             def run(seed, num_steps, label, guidance_scale):

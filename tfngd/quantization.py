@@ -71,7 +71,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfngd import samplers
 from tfngd.export import check_finite_weights
 from tfngd.model import DiffusionModel
 
@@ -465,7 +464,6 @@ class TFLiteDenoiser:
         self.data_shape = tuple(int(d) for d in details["x"]["shape_signature"][1:])
         output = self._runner.get_output_details()[OUTPUT_NAME]["shape_signature"]
         self.output_shape = tuple(int(d) for d in output[1:])
-        self.sample_functions = {}  # traced sampler graphs of :func:`sample`
 
     @property
     def conditional(self) -> bool:
@@ -493,36 +491,5 @@ def sample(denoiser, model: DiffusionModel, num_samples: int, seed: int = 0,
     """:meth:`DiffusionModel.sample` with ``denoiser`` (e.g. a :class:`TFLiteDenoiser`) in
     place of the EMA network: the same :func:`tfngd.samplers.sample` graph, seeds and
     defaults, so a float32 TFLite model gives the Keras samples to float rounding."""
-    model = _check_model(model)
-    num_steps = model.diffusion.num_timesteps if num_steps is None else num_steps
-    if not 1 <= num_steps <= model.diffusion.num_timesteps:
-        raise ValueError(f"num_steps must be in [1, {model.diffusion.num_timesteps}], got "
-                         f"{num_steps}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if model.num_classes is not None and label is None:
-        label = model.null_label
-    clip = bool(clip_x0) and model.is_image_model
-    # One traced graph per setting, as DiffusionModel.sample keeps (seed, steps, label and
-    # guidance are tensors); cached on a TFLiteDenoiser, so repeated calls do not retrace.
-    cache = getattr(denoiser, "sample_functions", {})
-    key = (id(model), num_samples, sampler, float(eta), spacing, clip, label is None,
-           guidance_scale is None)
-    if key not in cache:
-        step = samplers.make_sampler(sampler, model.diffusion.variance_type, eta)
-        shape = [num_samples, *model.data_shape]
-
-        @tf.function(reduce_retracing=True)
-        def run(seed, num_steps, label, guidance_scale):
-            if label is not None:
-                label = tf.broadcast_to(label, [num_samples])
-            fn = samplers.denoiser_fn(denoiser, label, guidance_scale, model.null_label,
-                                      learned_variance=model.diffusion.learns_variance)
-            return samplers.sample(fn, model.diffusion, shape, seed, num_steps, step, spacing,
-                                   clip)
-
-        cache[key] = run
-    return cache[key](
-        tf.constant(seed, tf.int64), tf.constant(num_steps, tf.int32),
-        None if label is None else tf.constant(label, tf.int32),
-        None if guidance_scale is None else tf.constant(guidance_scale, tf.float32))
+    return _check_model(model).sample(num_samples, seed, num_steps, sampler, eta, spacing,
+                                      clip_x0, label, guidance_scale, denoiser=denoiser)
