@@ -153,6 +153,14 @@ def restore_checkpoint(model: keras.Model, directory: str) -> dict | None:
     return info
 
 
+def resume_point(model: keras.Model, directory: str) -> tuple[int, int]:
+    """:func:`restore_checkpoint`, then ``(finished epochs, optimizer step)`` to resume
+    ``fit`` from (``initial_epoch`` and the data's ``start_step``); ``(0, 0)`` when there
+    is no checkpoint."""
+    restored = restore_checkpoint(model, directory)
+    return (restored["epoch"], restored["step"]) if restored else (0, 0)
+
+
 class CheckpointCallback(keras.callbacks.Callback):
     """Save a checkpoint every ``every_epochs`` epochs and at the end of training.
 

@@ -104,10 +104,9 @@ def train(config: TrainConfig, run_dir: str, *, export_root: str | None = "saved
     with strategy.scope():
         model = build_model(config, splits.data_shape, splits.num_classes)
         model.compile(optimizer=build_optimizer(config), jit_compile=config.jit_compile)
-        restored = checkpointing.restore_checkpoint(model, runs.checkpoint_dir(run_dir))
-    initial_epoch = restored["epoch"] if restored else 0
-    start_step = restored["step"] if restored else 0
-    if restored:
+        initial_epoch, start_step = checkpointing.resume_point(model,
+                                                               runs.checkpoint_dir(run_dir))
+    if start_step:
         print(f"{PROGRAM}: resuming {run_dir} at epoch {initial_epoch} (step {start_step})")
 
     labels = config.conditional

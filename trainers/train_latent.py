@@ -193,9 +193,7 @@ def train_autoencoder(ae_config: AutoencoderConfig, splits, run_dir: str, seed: 
         keras.optimizers.schedules.CosineDecay(ae_config.learning_rate, total, alpha=0.05),
         global_clipnorm=1.0))
     ckpt = os.path.join(directory, "checkpoints")
-    restored = checkpointing.restore_checkpoint(model, ckpt)
-    initial_epoch = restored["epoch"] if restored else 0
-    start_step = restored["step"] if restored else 0
+    initial_epoch, start_step = checkpointing.resume_point(model, ckpt)
     started = time.perf_counter()
     if initial_epoch < ae_config.epochs:
         model.fit(data_lib.training_batches(splits.train, ae_config.batch_size, seed,
@@ -250,10 +248,8 @@ def train(config: TrainConfig, ae_config: AutoencoderConfig, run_dir: str, *,
         vlb_weight=config.vlb_weight, fisher_weighting=config.fisher_weighting,
         seed=config.seed)
     model.compile(optimizer=build_optimizer(config), jit_compile=config.jit_compile)
-    restored = checkpointing.restore_checkpoint(model, runs.checkpoint_dir(run_dir))
-    initial_epoch = restored["epoch"] if restored else 0
-    start_step = restored["step"] if restored else 0
-    if restored:
+    initial_epoch, start_step = checkpointing.resume_point(model, runs.checkpoint_dir(run_dir))
+    if start_step:
         print(f"{PROGRAM}: resuming {run_dir} at epoch {initial_epoch} (step {start_step})")
     labels = config.conditional
     train_ds = data_lib.training_batches(
