@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from tfngd import likelihood
 from tfngd.networks.blocks import AttentionBlock, ResidualBlock
 
 #: Log-variance is clipped to this range before exponentiation (as LDM's
@@ -58,12 +59,12 @@ LOGVAR_RANGE = (-30.0, 20.0)
 def kl_divergence(mean, logvar):
     """``KL(N(mean, diag(exp(logvar))) || N(0, I))`` per example, summed over all but axis 0.
 
-    ``1/2 sum (mean^2 + exp(logvar) - 1 - logvar)`` (Kingma & Welling 2014, appendix B).
+    ``1/2 sum (mean^2 + exp(logvar) - 1 - logvar)`` (Kingma & Welling 2014, appendix B):
+    :func:`tfngd.likelihood.normal_kl` against the standard normal.
     """
     mean = tf.convert_to_tensor(mean, tf.float32)
     logvar = tf.convert_to_tensor(logvar, tf.float32)
-    terms = tf.square(mean) + tf.exp(logvar) - 1.0 - logvar
-    return 0.5 * tf.reduce_sum(tf.reshape(terms, [tf.shape(terms)[0], -1]), axis=1)
+    return likelihood.sum_over_example(likelihood.normal_kl(mean, logvar, 0.0, 0.0))
 
 
 def _check_architecture(image_shape, latent_channels, base_channels, channel_mults,
