@@ -237,3 +237,16 @@ def test_no_first_order_optimizer_means_no_target():
     result = analysis.analyze_optimizers({"kfac": kfac})
     assert result["target"] is None and result["goal"] == {}
     assert result["per_optimizer"]["kfac"]["final_val_loss"]["mean"] == pytest.approx(0.3)
+
+
+def test_bits_per_dim_is_summarised_over_seeds_and_older_trials_have_none():
+    adam = adam_records()
+    for record, bpd in zip(adam, (3.0, 3.2, 3.4), strict=True):
+        record["likelihood"] = {"bits_per_dim": bpd, "chain_steps": 100}
+    kfac = [make_record("kfac", seed, [1.0, 0.5], 15.0) for seed in range(3)]  # none recorded
+    per = analysis.analyze_optimizers({"adam": adam, "kfac": kfac})["per_optimizer"]
+    bits = per["adam"]["bits_per_dim"]
+    assert bits["mean"] == pytest.approx(3.2) and bits["n"] == 3
+    half = scipy.stats.t.ppf(0.975, 2) * np.std([3.0, 3.2, 3.4], ddof=1) / math.sqrt(3)
+    assert bits["low"] == pytest.approx(3.2 - half) and bits["chain_steps"] == [100]
+    assert per["kfac"]["bits_per_dim"]["n"] == 0 and per["kfac"]["bits_per_dim"]["mean"] is None

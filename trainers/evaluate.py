@@ -131,23 +131,6 @@ def load_examples(config, split: str, num_examples: int | None):
     return examples[:num_examples]
 
 
-def model_denoiser_fn(model):
-    """``fn(x_t, t)`` of the EMA weights; a conditional model gets its null label
-    (the unconditional model, as ``tfngd-sample`` draws without ``--label``)."""
-    import tensorflow as tf
-
-    from tfngd import samplers
-
-    if model.num_classes is None:
-        return samplers.denoiser_fn(model.ema_denoiser)
-
-    def unconditional(x, t):
-        null = tf.fill(tf.shape(t), model.null_label)
-        return samplers.denoiser_fn(model.ema_denoiser, label=null)(x, t)
-
-    return unconditional
-
-
 def summarise(values) -> dict:
     from tfngd.metrics import mean_confidence_interval
 
@@ -273,7 +256,7 @@ def bound_results(args, model, examples) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from tfngd import likelihood, schedules
+    from tfngd import likelihood, samplers, schedules
 
     diffusion = model.diffusion
     num_timesteps = diffusion.num_timesteps
@@ -282,8 +265,8 @@ def bound_results(args, model, examples) -> dict:
     timesteps = None
     if args.steps is not None:
         timesteps = schedules.respaced_timesteps(num_timesteps, args.steps, args.spacing).numpy()
-    bound = likelihood.make_variational_bound(model_denoiser_fn(model), diffusion, timesteps,
-                                              clip_x0=clip_x0, discrete=discrete)
+    bound = likelihood.make_variational_bound(samplers.ema_denoiser_fn(model), diffusion,
+                                              timesteps, clip_x0=clip_x0, discrete=discrete)
     # One graph for every batch size (the last batch may be smaller).
     bound = bound.get_concrete_function(
         tf.TensorSpec([None, *examples.shape[1:]], tf.float32), tf.TensorSpec([2], tf.int64))

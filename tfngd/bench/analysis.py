@@ -226,6 +226,10 @@ def analyze_optimizers(finals: dict[str, list[dict]], first_order=("adam", "adam
                                              for r in records]) for name in names}
         skipped = sorted({(r.get("samples") or {}).get("skipped") for r in records} - {None})
         entry["samples_skipped"] = skipped[0] if skipped else None
+        # Held-out bits/dim (image tasks; trials recorded before it existed have none).
+        scored = [r["likelihood"] for r in records if r.get("likelihood")]
+        entry["bits_per_dim"] = summarize([s.get("bits_per_dim") for s in scored])
+        entry["bits_per_dim"]["chain_steps"] = sorted({s["chain_steps"] for s in scored})
         skipped_updates = [value for r in records
                            for key, value in (r.get("optimizer_diagnostics") or {}).items()
                            if key.endswith("skipped_updates")]

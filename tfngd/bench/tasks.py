@@ -64,6 +64,9 @@ class Task:
         validation interval, in optimizer steps.
       num_samples: EMA samples for the final sample metrics (and the picture).
       curve_samples: samples drawn at each evaluation point of a stage-2 run (0: none).
+      bpd_examples: held-out images scored in bits/dim at the end of a stage-2 trial
+        (``None``: the whole held-out split; 0: none, e.g. 2-D data, whose density bound
+        is not a bits/dim).
       needs_data_dir: the data set is read from ``--data-dir`` (MNIST IDX files).
       description: one line for the report.
     """
@@ -77,6 +80,7 @@ class Task:
     eval_every: int
     num_samples: int
     curve_samples: int
+    bpd_examples: int | None = 0
     needs_data_dir: bool = False
     description: str = ""
 
@@ -99,13 +103,13 @@ TASKS: dict[str, Task] = {
              steps=1000, eval_every=100, num_samples=1024, curve_samples=1024,
              description="2-D swiss roll, MLP denoiser 3x128, batch 256"),
         Task("digits", "digits", "images", {"batch_size": 64}, tune_steps=500, steps=3000,
-             eval_every=250, num_samples=500, curve_samples=256,
+             eval_every=250, num_samples=500, curve_samples=256, bpd_examples=None,
              description="8x8 digits (scikit-learn), default U-Net (32, mults 1,2, attention "
                          "at 4x4), batch 64"),
         Task("mnist", "mnist", "images",
              {"batch_size": 64, "channel_mults": (1, 2, 2), "attention_resolutions": (7,)},
              tune_steps=1000, steps=5000, eval_every=1000, num_samples=1000, curve_samples=200,
-             needs_data_dir=True,
+             bpd_examples=500, needs_data_dir=True,
              description="28x28 MNIST, U-Net (32, mults 1,2,2, attention at 7x7), batch 64"),
     )
 }

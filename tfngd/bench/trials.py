@@ -24,6 +24,9 @@ evaluation bank as ``validation_data``. Recorded:
   metrics (:mod:`tfngd.bench.sample_quality`) and a PNG (scatter plot or
   image grid); for stage-2 trials also ``curve_samples`` samples and their
   metrics at every evaluation point (the sample curve);
+* for stage-2 trials of image tasks, the held-out likelihood in bits/dim
+  (:func:`held_out_bits_per_dim`: the DDPM variational bound of the EMA
+  weights on a :data:`BPD_CHAIN_STEPS`-step respaced chain);
 * TensorBoard scalars (:class:`tfngd.callbacks.DiffusionTensorBoard`).
 
 Every random draw is fixed by the trial seed (initial weights, batch order,
@@ -57,6 +60,11 @@ DATA_SEED = 0  # toy data generation; image splits are fixed anyway
 BANK_SEED = 1  # the (x0, t, noise) evaluation bank
 BANK_BATCH = 1000
 PNG_IMAGES = 64  # images in a trial's sample grid
+# Held-out bits/dim of image trials: the variational bound on a respaced chain of this many
+# steps (linspace spacing, keeping t = 0 and T - 1), predicted x0 clipped to [-1, 1], the
+# noise of each batch from the seed pair (BPD_SEED, batch index).
+BPD_CHAIN_STEPS = 100
+BPD_SEED = 2
 REQUIRED_KEYS = ("trial_id", "task", "optimizer", "hyperparameters", "seed", "steps", "curve",
                  "timing")
 
@@ -351,6 +359,45 @@ def _save_samples_png(path: str, samples: np.ndarray, kind: str) -> str:
     return images.save_png(path, picture)
 
 
+def held_out_bits_per_dim(model, images: np.ndarray, chain_steps: int = BPD_CHAIN_STEPS,
+                          seed: int = BPD_SEED, batch_size: int = BANK_BATCH) -> dict:
+    """The DDPM variational bound of ``model``'s EMA weights on ``images``, in bits/dim.
+
+    :func:`tfngd.likelihood.make_variational_bound` on the ``chain_steps``-step respaced
+    chain (the full chain when ``T <= chain_steps``; :func:`tfngd.schedules.respaced_timesteps`,
+    ``"linspace"``: it keeps ``t = 0`` for the discretised decoder and ``t = T - 1`` for the
+    prior term), with the predicted
+    ``x0`` clipped to ``[-1, 1]``. The respaced chain is a diffusion with the same
+    marginals, so this is a valid bound on ``-log2 p(x0) / D``, looser than the full
+    chain's; it compares models of one task, not with published full-chain numbers. The
+    noise is fixed (``seed``), so every trial is scored on the same draws.
+
+    Returns ``{"bits_per_dim", "ci95_low", "ci95_high"}`` (mean and Student-t interval
+    over examples), ``num_examples``, ``chain_steps``, ``seconds``.
+    """
+    import tensorflow as tf
+
+    from tfngd import likelihood, metrics, samplers, schedules
+
+    started = time.perf_counter()
+    num_timesteps = model.diffusion.num_timesteps
+    timesteps = schedules.respaced_timesteps(num_timesteps, min(chain_steps, num_timesteps),
+                                             "linspace").numpy()
+    bound = likelihood.make_variational_bound(samplers.ema_denoiser_fn(model), model.diffusion,
+                                              timesteps, clip_x0=True, discrete=True)
+    bound = bound.get_concrete_function(tf.TensorSpec([None, *images.shape[1:]], tf.float32),
+                                        tf.TensorSpec([2], tf.int64))
+    values = []
+    for index, start in enumerate(range(0, len(images), batch_size)):
+        batch = tf.constant(images[start:start + batch_size], tf.float32)
+        values.append(bound(batch, tf.constant([seed, index], tf.int64))["bits_per_dim"].numpy())
+    values = np.concatenate(values).astype(np.float64)
+    mean, low, high = metrics.mean_confidence_interval(values, 0.95)
+    return {"bits_per_dim": mean, "ci95_low": low, "ci95_high": high,
+            "num_examples": int(len(values)), "chain_steps": int(len(timesteps)),
+            "seconds": time.perf_counter() - started}
+
+
 def run_trial(spec: TrialSpec, context: TaskContext, output_dir: str) -> dict:
     """Train, evaluate and sample one trial; returns its record (not yet saved)."""
     import keras
@@ -442,6 +489,11 @@ def run_trial(spec: TrialSpec, context: TaskContext, output_dir: str) -> dict:
         samples_entry = {"num_samples": spec.num_samples, "metrics": values, "skipped": skipped,
                          "png": png}
 
+    likelihood_entry = None
+    if spec.num_samples and kind == "images" and context.task.bpd_examples != 0:
+        held_out = splits.eval[:context.task.bpd_examples]  # None: the whole split
+        likelihood_entry = held_out_bits_per_dim(model, held_out)
+
     record = {
         "trial_id": spec.trial_id,
         "task": spec.task,
@@ -458,6 +510,7 @@ def run_trial(spec: TrialSpec, context: TaskContext, output_dir: str) -> dict:
         "curve": curve,
         "sample_curve": sample_curve,
         "samples": samples_entry,
+        "likelihood": likelihood_entry,
         "timing": {
             "convention": "training steps only; first step charged the median step time",
             "first_step_seconds": float(measured[0]) if steps_done else None,
