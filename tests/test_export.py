@@ -316,9 +316,9 @@ def test_metadata(exports, image_model):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(sampler="euler"), "valid samplers: ddpm, ddim"),
     (dict(spacing="cubic"), "valid spacings"),
-    (dict(max_samples=0), "max_samples must be >= 1"),
-    (dict(max_steps=0), f"max_steps must be in [1, {T}]"),
-    (dict(max_steps=T + 1), f"max_steps must be in [1, {T}]"),
+    (dict(max_samples=0), "max_samples must be an integer >= 1"),
+    (dict(max_steps=0), f"max_steps must be an integer in [1, {T}]"),
+    (dict(max_steps=T + 1), f"max_steps must be an integer in [1, {T}]"),
     (dict(eta=-1.0), "eta must be"),
     (dict(output="png"), "valid outputs"),
 ])

@@ -166,6 +166,12 @@ def test_latent_sampler_decodes_to_images(latent_model):
     scale = float(latent_model.autoencoder.scale_factor.numpy())
     expected = np.clip(latent_model.autoencoder.decoder(latents / scale).numpy(), -1, 1)
     np.testing.assert_allclose(images, expected, atol=1e-5)
+    # Without a spacing the latent model samples on its default, the leading chain.
+    assert latent_model.default_spacing == "leading" != DiffusionModel.default_spacing
+    np.testing.assert_array_equal(
+        latents, latent_model.sample(5, seed=3, num_steps=4, spacing="leading"))
+    assert np.max(np.abs(latents - latent_model.sample(5, seed=3, num_steps=4,
+                                                        spacing="trailing"))) > 1e-3
 
 
 def test_latent_model_training_step(trained, digits):
@@ -202,7 +208,7 @@ def test_decoding_export_served_by_saved_model_cli(latent_model, tmp_path):
     cli = shutil.which("saved_model_cli")
     if cli is None:
         pytest.skip("saved_model_cli is not installed")
-    # No spacing given: a decoding export defaults to the latent models' (leading).
+    # No spacing given: the export uses the latent model's default_spacing (leading).
     path = export.export_sampler(latent_model, str(tmp_path / "latent" / "1"),
                                  decoder=latent_model.image_decoder(), max_samples=4)
     meta = export.read_export_metadata(path)

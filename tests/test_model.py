@@ -280,3 +280,22 @@ def test_conditional_guided_sample_is_deterministic():
     np.testing.assert_array_equal(a, b)
     c = model.sample(4, seed=1, num_steps=4, label=2, guidance_scale=3.0).numpy()
     assert np.max(np.abs(a - c)) > 1e-4
+
+
+def test_sample_checks_label_and_guidance_before_any_work():
+    model = make_model(num_classes=3)
+    per_draw = model.sample(3, seed=1, num_steps=3, label=[0, 1, 2]).numpy()
+    one = model.sample(3, seed=1, num_steps=3, label=1).numpy()
+    assert per_draw.shape == one.shape == (3, 2)
+    np.testing.assert_array_equal(per_draw[1], one[1])  # draw i depends on its own label only
+    for kwargs, message in (
+            (dict(label=3 + 1), r"label must be in \[0, 3\] \(3 is the null label\)"),
+            (dict(label=-1), r"label must be in \[0, 3\]"),
+            (dict(label=[0, 1]), "label must be an integer or 3 integers"),
+            (dict(label=1.5), "label must be an integer"),
+            (dict(guidance_scale=2.0), "guidance_scale needs a label"),
+            (dict(label=1, guidance_scale=float("nan")), "guidance_scale must be a finite")):
+        with pytest.raises(ValueError, match=message):
+            model.sample(3, seed=1, num_steps=3, **kwargs)
+    with pytest.raises(ValueError, match="the model is unconditional"):
+        make_model().sample(3, seed=1, num_steps=3, label=0)

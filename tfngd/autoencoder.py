@@ -50,6 +50,7 @@ from keras import layers
 
 from tfngd import likelihood
 from tfngd.networks.blocks import AttentionBlock, ResidualBlock
+from tfngd.validation import check_integer
 
 #: Log-variance is clipped to this range before exponentiation (as LDM's
 #: ``DiagonalGaussianDistribution`` does, [-30, 20]), so the posterior stays finite.
@@ -74,8 +75,7 @@ def _check_architecture(image_shape, latent_channels, base_channels, channel_mul
                          f"{tuple(image_shape)}")
     for name, value in (("latent_channels", latent_channels), ("base_channels", base_channels),
                         ("num_res_blocks", num_res_blocks), ("groups", groups)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_integer(name, value, 1)
     if not channel_mults or any(int(m) < 1 for m in channel_mults):
         raise ValueError(f"channel_mults must be a non-empty sequence of integers >= 1, got "
                          f"{tuple(channel_mults)}")

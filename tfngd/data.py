@@ -34,6 +34,8 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
+from tfngd.validation import check_integer
+
 TOY_DATASETS = ("checkerboard", "8gaussians", "swissroll", "moons", "pinwheel", "2spirals")
 IMAGE_DATASETS = ("digits", "mnist", "cifar10")
 DATASETS = IMAGE_DATASETS + TOY_DATASETS
@@ -310,13 +312,9 @@ def load_cifar10(data_dir: str | os.PathLike | None = None) -> DataSplits:
     return DataSplits("cifar10", train_x, eval_x, train_y, eval_y, 10)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_count(what: str, value: int | None) -> None:
-    if value is not None and (not _is_int(value) or value < 1):
-        raise DataError(f"{what} must be an integer >= 1, got {value!r}")
+    if value is not None:
+        check_integer(what, value, 1, error=DataError)
 
 
 def _truncate(array: np.ndarray | None, count: int | None, what: str, name: str):
@@ -425,13 +423,10 @@ def training_batches(x: np.ndarray, batch_size: int, seed: int, start_step: int 
     """
     x = np.asarray(x, dtype=np.float32)
     n = len(x)
-    if not _is_int(batch_size) or not 1 <= batch_size <= n:
-        raise DataError(f"batch_size must be an integer in [1, {n}] (the number of examples), "
-                        f"got {batch_size!r}")
-    if not _is_int(start_step) or start_step < 0:
-        raise DataError(f"start_step must be an integer >= 0, got {start_step!r}")
-    if not _is_int(seed):
-        raise DataError(f"seed must be an integer, got {seed!r}")
+    check_integer("batch_size", batch_size, 1, n, error=DataError,
+                  detail=" (the number of examples)")
+    check_integer("start_step", start_step, 0, error=DataError)
+    check_integer("seed", seed, error=DataError)
     labels = _check_labels(labels, n)
     batch_size = int(batch_size)
     steps_per_epoch = n // batch_size

@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from tfngd import samplers, schedules
 from tfngd.model import DiffusionModel
+from tfngd.validation import check_integer
 
 SIGNATURE_NAME = "serving_default"
 OUTPUT_KEY = "samples"
@@ -117,29 +118,6 @@ def _resolve_output(output: str, is_image: bool) -> str:
     return output
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {'in ' if high is not None else ''}{bound}, got {value}")
-    return int(value)
-
-
-def default_spacing(decoder=None) -> str:
-    """``"trailing"`` for data-space models, :data:`tfngd.latent.LATENT_SPACING` for latent ones.
-
-    Latents cannot be clipped, and the trailing chain's first step at ``t = T - 1``
-    amplifies the noise-prediction error of the unclipped ``x0`` prediction by
-    ``1 / sqrt(abar_{T-1})`` (about 2e4 on the cosine schedule; docs/latent.md).
-    """
-    if decoder is None:
-        return "trailing"
-    from tfngd.latent import LATENT_SPACING
-
-    return LATENT_SPACING
-
-
 def check_finite_weights(network, what: str = "the EMA weights") -> None:
     """ValueError naming every weight of ``network`` that holds a NaN or an infinity."""
     bad = {}
@@ -173,16 +151,16 @@ def build_serving_function(model: DiffusionModel, *, sampler: str = "ddim", eta:
     if sampler not in samplers.SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; valid samplers: "
                          f"{', '.join(samplers.SAMPLERS)}")
-    spacing = default_spacing(decoder) if spacing is None else spacing
+    spacing = model.default_spacing if spacing is None else spacing
     if spacing not in schedules.SPACINGS:
         raise ValueError(f"Unknown spacing {spacing!r}; valid spacings: "
                          f"{', '.join(schedules.SPACINGS)}")
     if not (np.isfinite(eta) and eta >= 0.0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     num_timesteps = model.diffusion.num_timesteps
-    max_samples = _check_int("max_samples", max_samples, 1)
-    max_steps = _check_int("max_steps", num_timesteps if max_steps is None else max_steps,
-                           1, num_timesteps)
+    max_samples = check_integer("max_samples", max_samples, 1)
+    max_steps = check_integer("max_steps", num_timesteps if max_steps is None else max_steps,
+                              1, num_timesteps)
     data_shape = [int(s) for s in model.data_shape]
     image_shape = None if decoder is None else _decoded_shape(decoder, data_shape)
     output = _resolve_output(output, model.is_image_model or decoder is not None)
@@ -268,7 +246,8 @@ def export_sampler(
       sampler: ``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"`` (baked into the graph), with
         DDIM's ``eta`` (0 for ``"dpmpp_2m"``).
       spacing: respacing convention of the ``num_steps`` chain; default
-        :func:`default_spacing` (``"trailing"``; ``"leading"`` with a ``decoder``).
+        the model's ``default_spacing`` (``"trailing"``; ``"leading"`` for a
+        :class:`~tfngd.latent.LatentDiffusionModel`).
       clip_x0: clip predicted ``x_0`` to [-1, 1] (image models only).
       max_samples: largest ``num_samples`` a request may ask for (>= 1).
       max_steps: largest ``num_steps`` (default and upper bound: the model's T).

@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from tfngd.validation import check_integer
+
 FEATURES_LAYER = "features"
 LOGITS_LAYER = "logits"
 CLASSIFIER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "classifiers")
@@ -106,9 +108,7 @@ def build_classifier(data_shape, num_classes: int):
     data_shape = tuple(int(d) for d in data_shape)
     if len(data_shape) != 3 or min(data_shape) < 1:
         raise ValueError(f"data_shape must be (height, width, channels), got {data_shape}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-            or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    check_integer("num_classes", num_classes, 2)
     recipe = _recipe_for_shape(data_shape)
     inputs = keras.Input(shape=data_shape, name="images")
     x = inputs
@@ -174,8 +174,7 @@ def train_classifier(dataset: str, data_dir=None, epochs: int | None = None, see
     epochs = recipe["epochs"] if epochs is None else epochs
     batch_size = recipe["batch_size"] if batch_size is None else batch_size
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_integer(name, value, 1)
     splits = data_lib.load_dataset(dataset, data_dir=data_dir, num_train=num_train, seed=seed)
     if splits.train_labels is None or splits.num_classes is None:
         raise ValueError(f"data set {dataset!r} has no labels; a classifier needs them")
@@ -315,9 +314,7 @@ class FeatureExtractor:
         if isinstance(model_or_dataset, str):
             model_or_dataset = load_classifier(model_or_dataset)
         model = model_or_dataset
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_integer("batch_size", batch_size, 1)
         self.model = model
         self.batch_size = int(batch_size)
         self.input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])

@@ -40,8 +40,6 @@ The mask convention is RePaint's: ``mask == 1`` marks the *known* pixels.
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import scipy.sparse
 import scipy.sparse.linalg
@@ -49,6 +47,7 @@ import tensorflow as tf
 
 from tfngd import gaussian_diffusion as gd
 from tfngd import samplers
+from tfngd.validation import check_integer
 
 # Indices of the stateless draws of schedule transition k: 2k + 1 (the sampler's noise,
 # or the forward transition's), 2k + 2 (the known pixels' forward noise); 0 starts x_K.
@@ -56,17 +55,6 @@ _INITIAL_DRAW = 0
 
 
 # -- validation ------------------------------------------------------------------------------
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
-    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
-    return int(value)
 
 
 def _as_real_array(name: str, value) -> np.ndarray:
@@ -141,9 +129,9 @@ def repaint_schedule(num_steps: int, jump_length: int = 1, resample: int = 1) ->
       int32 array of levels; it has ``K + 2 (resample - 1) j P + 1`` entries for ``P``
       jump points, and ``K + (resample - 1) j P`` of the steps go down (denoiser calls).
     """
-    num_steps = _check_int("num_steps", num_steps, 1)
-    jump_length = _check_int("jump_length", jump_length, 1)
-    resample = _check_int("resample", resample, 1)
+    num_steps = check_integer("num_steps", num_steps, 1)
+    jump_length = check_integer("jump_length", jump_length, 1)
+    resample = check_integer("resample", resample, 1)
     if resample > 1 and jump_length > num_steps - 1:
         raise ValueError(f"jump_length must be in [1, num_steps - 1] = [1, {num_steps - 1}] "
                          f"when resample > 1 (a jump must stay on the chain), got {jump_length}")
@@ -241,28 +229,9 @@ def repaint(fn, diffusion: gd.GaussianDiffusion, images, mask, seed, schedule, s
 
 # -- a trained model -------------------------------------------------------------------------
 
-_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _check_label(model, label, batch: int):
-    if label is None:
-        return None
-    if model.num_classes is None:
-        raise ValueError("label: the model is unconditional (num_classes=None); pass label=None")
-    array = np.asarray(label)
-    if array.ndim > 1 or not np.issubdtype(array.dtype, np.integer) \
-            or (array.ndim == 1 and len(array) != batch):
-        raise ValueError(f"label must be an integer or {batch} integers (one per image), got "
-                         f"{label!r}")
-    if np.any((array < 0) | (array > model.num_classes)):
-        raise ValueError(f"label must be in [0, {model.num_classes}] ({model.num_classes} is "
-                         f"the null label), got {array.tolist()}")
-    return np.broadcast_to(array, [batch]).astype(np.int32)
-
-
 def inpaint(model, images, mask, seed: int = 0, num_steps: int = 50, jump_length: int = 1,
             resample: int = 1, label=None, guidance_scale=None, sampler: str = "ddpm",
-            eta: float = 0.0, spacing: str = "trailing", clip_x0: bool = True,
+            eta: float = 0.0, spacing: str | None = None, clip_x0: bool = True,
             use_ema: bool = True) -> np.ndarray:
     """Inpaint ``images`` with a :class:`~tfngd.model.DiffusionModel` (its EMA denoiser).
 
@@ -278,7 +247,8 @@ def inpaint(model, images, mask, seed: int = 0, num_steps: int = 50, jump_length
       label: class label(s) of a conditional model, one int or one per image; ``None``
         samples a conditional model unconditionally (its null label).
       guidance_scale: classifier-free guidance weight ``w`` (needs ``label``).
-      sampler, eta, spacing: the reverse step (:func:`tfngd.samplers.make_sampler`).
+      sampler, eta: the reverse step (:func:`tfngd.samplers.make_sampler`).
+      spacing: the respacing of the chain; default the model's ``default_spacing``.
       clip_x0: clip the predicted ``x_0`` to [-1, 1] (image models only, as in
         :meth:`~tfngd.model.DiffusionModel.sample`).
       use_ema: use the EMA weights (the default, as for sampling).
@@ -287,38 +257,27 @@ def inpaint(model, images, mask, seed: int = 0, num_steps: int = 50, jump_length
       float32 ``[N, *data_shape]``: the known pixels equal ``images``.
     """
     images, known = check_images_and_mask(images, mask, model.data_shape)
-    num_steps = _check_int("num_steps", num_steps, 1, model.diffusion.num_timesteps)
+    num_steps = check_integer("num_steps", num_steps, 1, model.diffusion.num_timesteps)
     schedule = repaint_schedule(num_steps, jump_length, resample)
-    _check_int("seed", seed, -(2**63), 2**63 - 1)
-    batch = len(images)
-    label = _check_label(model, label, batch)
-    if guidance_scale is not None:
-        if label is None:
-            raise ValueError("guidance_scale needs a label (classifier-free guidance "
-                             "compares the labelled and the null-label predictions)")
-        if isinstance(guidance_scale, bool) \
-                or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if model.num_classes is not None and label is None:
-        label = np.full([batch], model.null_label, np.int32)
+    check_integer("seed", seed, -(2**63), 2**63 - 1)
+    label, guidance_scale = model.check_conditioning(label, guidance_scale, len(images))
     clip_x0 = bool(clip_x0) and model.is_image_model
-    key = (sampler, float(eta), spacing, clip_x0, label is None, guidance_scale is None,
-           bool(use_ema))
-    functions = _FUNCTIONS.setdefault(model, {})
-    if key not in functions:
+    spacing = model.default_spacing if spacing is None else spacing
+    denoiser = model.ema_denoiser if use_ema else model.denoiser
+    key = ("inpaint", sampler, float(eta), spacing, clip_x0, label is None,
+           guidance_scale is None, denoiser)
+
+    def build():
         step = samplers.make_sampler(sampler, model.diffusion.variance_type, eta)
-        denoiser = model.ema_denoiser if use_ema else model.denoiser
 
         @tf.function(reduce_retracing=True)
         def run(images, known, seed, schedule, label, guidance_scale):
-            fn = samplers.denoiser_fn(denoiser, label, guidance_scale, model.null_label,
-                                      learned_variance=model.diffusion.learns_variance)
-            return repaint(fn, model.diffusion, images, known, seed, schedule, step, spacing,
-                           clip_x0)
+            return repaint(model.network_fn(denoiser, label, guidance_scale), model.diffusion,
+                           images, known, seed, schedule, step, spacing, clip_x0)
 
-        functions[key] = run
-    out = functions[key](
+        return run
+
+    out = model.graph_function(key, build)(
         tf.constant(images), tf.constant(known.astype(np.float32)), tf.constant(seed, tf.int64),
         tf.constant(schedule), None if label is None else tf.constant(label),
         None if guidance_scale is None else tf.constant(guidance_scale, tf.float32),

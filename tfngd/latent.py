@@ -47,9 +47,6 @@ from tfngd.autoencoder import KLAutoencoder
 from tfngd.gaussian_diffusion import GaussianDiffusion
 from tfngd.model import DiffusionModel
 
-#: The default respacing of latent sampling (see the module docstring).
-LATENT_SPACING = "leading"
-
 
 def check_decoder(decoder: keras.Model, latent_shape, name: str = "decoder") -> tuple:
     """The decoder's output shape ``(H, W, C)``; ``ValueError`` naming ``name`` when its
@@ -85,6 +82,10 @@ class LatentDiffusionModel(DiffusionModel):
     Train it with ``fit`` on :func:`encode_dataset` of the images. ``is_image_model`` is
     False: latents are unbounded, never clipped.
     """
+
+    #: Latent sampling starts on the ``"leading"`` respacing, not at ``t = T - 1`` (see the
+    #: module docstring); :meth:`sample`, the export and inpainting default to it.
+    default_spacing = "leading"
 
     def __init__(self, denoiser: keras.Model, diffusion: GaussianDiffusion,
                  autoencoder: KLAutoencoder, **kwargs):
@@ -122,7 +123,7 @@ class LatentDiffusionModel(DiffusionModel):
         return self.autoencoder.decode(latents, scaled=True, clip=True)
 
     def sample(self, num_samples: int, seed: int = 0, num_steps: int | None = None,
-               sampler: str = "ddim", eta: float = 0.0, spacing: str = LATENT_SPACING,
+               sampler: str = "ddim", eta: float = 0.0, spacing: str | None = None,
                clip_x0: bool = False, label=None, guidance_scale=None,
                use_ema: bool = True, decode: bool = False) -> tf.Tensor:
         """Scaled latents ``[n, *latent_shape]`` from :meth:`DiffusionModel.sample` (never

@@ -32,6 +32,8 @@ import numpy as np
 import scipy.stats
 from scipy.spatial.distance import cdist, pdist
 
+from tfngd.validation import check_integer
+
 __all__ = [
     "sliced_wasserstein",
     "energy_distance",
@@ -91,12 +93,6 @@ def _as_pair(x, y, min_count: int = 1, names=("x", "y")) -> tuple[np.ndarray, np
         raise ValueError(f"mismatched feature dimensions: {names[0]} has d={x.shape[1]}, "
                          f"{names[1]} has d={y.shape[1]}")
     return x, y
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # -- pairwise sums (chunked) -----------------------------------------------------------------
@@ -177,7 +173,7 @@ def sliced_wasserstein(x, y, num_projections: int = 256, p: float = 2, seed: int
     application to texture mixing"; Bonneel, Rabin, Peyre & Pfister (2015).
     """
     x, y = _as_pair(x, y)
-    num_projections = _check_int("num_projections", num_projections, 1)
+    num_projections = check_integer("num_projections", num_projections, 1)
     if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) \
             or not math.isfinite(p) or p < 1:
         raise ValueError(f"p must be a finite number >= 1, got {p!r}")
@@ -373,8 +369,8 @@ def kernel_inception_distance(f1, f2, num_subsets: int = 10, subset_size: int = 
     draws of the same distribution. Needs at least 2 rows per set.
     """
     f1, f2 = _as_pair(f1, f2, min_count=2, names=("f1", "f2"))
-    num_subsets = _check_int("num_subsets", num_subsets, 1)
-    subset_size = _check_int("subset_size", subset_size, 2)
+    num_subsets = check_integer("num_subsets", num_subsets, 1)
+    subset_size = check_integer("subset_size", subset_size, 2)
     size = min(subset_size, len(f1), len(f2))
     d = f1.shape[1]
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfngd import distribute, likelihood, nonfinite, samplers
@@ -246,6 +247,13 @@ class DiffusionModel(PrebuiltModel):
         self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         self._sample_functions = {}
         self.built = True
+
+    #: The respacing (:mod:`tfngd.schedules`) that :meth:`sample`, the export
+    #: (:func:`tfngd.export.export_sampler`) and :func:`tfngd.inpainting.inpaint` use when
+    #: none is given. ``"trailing"`` starts at ``t = T - 1``; clipping the predicted ``x0``
+    #: keeps that first step sane for data in [-1, 1]. Latent models override it
+    #: (:class:`tfngd.latent.LatentDiffusionModel`).
+    default_spacing = "trailing"
 
     # -- Keras plumbing ----------------------------------------------------
     @property
@@ -478,6 +486,57 @@ class DiffusionModel(PrebuiltModel):
             ema_var.assign(d * ema_var + (1.0 - d) * tf.cast(var, ema_var.dtype))
 
     # -- sampling ------------------------------------------------------------
+    def check_conditioning(self, label, guidance_scale, batch: int):
+        """``(label, guidance_scale)`` for a batch of ``batch`` draws, checked before any work.
+
+        ``label``: ``None``, one integer or ``batch`` integers in ``[0, num_classes]``
+        (``num_classes`` is the null label); it comes back as int32 ``[batch]``, the null
+        label for an unconditional draw of a conditional model, ``None`` for an
+        unconditional model. ``guidance_scale``: ``None`` or a finite number, and only
+        with a ``label`` (classifier-free guidance compares the labelled and the null-label
+        predictions). ``ValueError`` names what is wrong.
+        """
+        if guidance_scale is not None:
+            if label is None:
+                raise ValueError("guidance_scale needs a label (classifier-free guidance "
+                                 "compares the labelled and the null-label predictions)")
+            if isinstance(guidance_scale, bool) \
+                    or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(guidance_scale):
+                raise ValueError(f"guidance_scale must be a finite number, got "
+                                 f"{guidance_scale!r}")
+        if label is None:
+            if self.num_classes is None:
+                return None, guidance_scale
+            return np.full([batch], self.null_label, np.int32), guidance_scale
+        if self.num_classes is None:
+            raise ValueError("label: the model is unconditional (num_classes=None); pass "
+                             "label=None")
+        array = np.asarray(label)
+        if array.ndim > 1 or not np.issubdtype(array.dtype, np.integer) \
+                or (array.ndim == 1 and len(array) != batch):
+            raise ValueError(f"label must be an integer or {batch} integers (one per draw), "
+                             f"got {label!r}")
+        if np.any((array < 0) | (array > self.num_classes)):
+            raise ValueError(f"label must be in [0, {self.num_classes}] ({self.num_classes} "
+                             f"is the null label), got {array.tolist()}")
+        return np.broadcast_to(array, [batch]).astype(np.int32), guidance_scale
+
+    def network_fn(self, denoiser, label=None, guidance_scale=None):
+        """``fn(x_t, t)`` of ``denoiser`` (e.g. :attr:`ema_denoiser`) for the samplers:
+        conditional on ``label``, guided with ``guidance_scale`` against the null label
+        (:func:`tfngd.samplers.denoiser_fn`)."""
+        return samplers.denoiser_fn(denoiser, label, guidance_scale, self.null_label,
+                                    learned_variance=self.diffusion.learns_variance)
+
+    def graph_function(self, key, build):
+        """The ``tf.function`` that ``build()`` returns, built once per ``key`` (the hashable
+        settings it closes over) and kept on the model, so that repeated calls with the
+        same settings (sampling, inpainting) trace once."""
+        if key not in self._sample_functions:
+            self._sample_functions[key] = build()
+        return self._sample_functions[key]
+
     def sample(
         self,
         num_samples: int,
@@ -485,7 +544,7 @@ class DiffusionModel(PrebuiltModel):
         num_steps: int | None = None,
         sampler: str = "ddim",
         eta: float = 0.0,
-        spacing: str = "trailing",
+        spacing: str | None = None,
         clip_x0: bool = True,
         label=None,
         guidance_scale=None,
@@ -494,40 +553,40 @@ class DiffusionModel(PrebuiltModel):
     ) -> tf.Tensor:
         """Draw samples in [-1, 1] (for images) with a graph-mode sampler.
 
-        ``num_steps`` defaults to the full chain. ``clip_x0`` applies to image
-        models only (vector data is unbounded and never clipped). ``denoiser``: a
+        ``num_steps`` defaults to the full chain, ``spacing`` to :attr:`default_spacing`;
+        ``label`` and ``guidance_scale`` as in :meth:`check_conditioning`. ``clip_x0``
+        applies to image models only (vector data is unbounded and never clipped). ``denoiser``: a
         callable with the network's call convention ``denoiser([x, t(, label)],
         training=False)`` to run in place of the EMA (``use_ema``) or raw network, e.g.
         a :class:`tfngd.quantization.TFLiteDenoiser`. See :func:`tfngd.samplers.sample`.
         """
         clip_x0 = clip_x0 and self.is_image_model
+        spacing = self.default_spacing if spacing is None else spacing
         if num_steps is None:
             num_steps = self.diffusion.num_timesteps
-        if self.num_classes is not None and label is None:
-            label = self.null_label  # unconditional sample of a conditional model
         if not 1 <= num_steps <= self.diffusion.num_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.diffusion.num_timesteps}] (the "
                              f"length of the chain), got {num_steps}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        label, guidance_scale = self.check_conditioning(label, guidance_scale, num_samples)
         if denoiser is None:
             denoiser = self.ema_denoiser if use_ema else self.denoiser
-        key = (num_samples, sampler, float(eta), spacing, clip_x0, label is None,
+        key = ("sample", num_samples, sampler, float(eta), spacing, clip_x0, label is None,
                guidance_scale is None, denoiser)
-        if key not in self._sample_functions:
+
+        def build():
             step = samplers.make_sampler(sampler, self.diffusion.variance_type, eta)
 
             @tf.function(reduce_retracing=True)
             def run(seed, num_steps, label, guidance_scale):
-                if label is not None:
-                    label = tf.broadcast_to(label, [num_samples])
-                fn = samplers.denoiser_fn(denoiser, label, guidance_scale, self.null_label,
-                                          learned_variance=self.diffusion.learns_variance)
-                return samplers.sample(fn, self.diffusion, [num_samples, *self.data_shape],
+                return samplers.sample(self.network_fn(denoiser, label, guidance_scale),
+                                       self.diffusion, [num_samples, *self.data_shape],
                                        seed, num_steps, step, spacing, clip_x0)
 
-            self._sample_functions[key] = run
-        return self._sample_functions[key](
+            return run
+
+        return self.graph_function(key, build)(
             tf.constant(seed, tf.int64), tf.constant(num_steps, tf.int32),
             _optional_tensor(label, tf.int32), _optional_tensor(guidance_scale, tf.float32),
         )

@@ -933,19 +933,18 @@ class ScoreSDEModel(DiffusionModel):
                              f"{', '.join(SDE_SAMPLERS)}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if self.num_classes is not None and label is None:
-            label = self.null_label
-        key = (num_samples, sampler, num_steps, float(snr), corrector_steps, float(eps_t),
-               float(rtol), float(atol), label is None, guidance_scale is None, use_ema)
-        if key not in self._sample_functions:
+        label, guidance_scale = self.check_conditioning(label, guidance_scale, num_samples)
+        key = ("sde_sample", num_samples, sampler, num_steps, float(snr), corrector_steps,
+               float(eps_t), float(rtol), float(atol), label is None, guidance_scale is None,
+               use_ema)
+
+        def build():
             denoiser = self.ema_denoiser if use_ema else self.denoiser
             shape = [num_samples, *self.data_shape]
             prediction_type = self.diffusion.prediction_type
 
             @tf.function(reduce_retracing=True)
             def run(seed, label, guidance_scale):
-                if label is not None:
-                    label = tf.broadcast_to(label, [num_samples])
                 fn = keras_denoiser_fn(denoiser, self.sde, label, guidance_scale,
                                        self.null_label)
                 if sampler == "pc":
@@ -954,8 +953,9 @@ class ScoreSDEModel(DiffusionModel):
                 return ode_sample(fn, self.sde, shape, seed, prediction_type, rtol, atol,
                                   eps_t)[0]
 
-            self._sample_functions[key] = run
-        return self._sample_functions[key](
+            return run
+
+        return self.graph_function(key, build)(
             tf.constant(seed, tf.int64),
             None if label is None else tf.constant(label, tf.int32),
             None if guidance_scale is None else tf.constant(guidance_scale, tf.float32))

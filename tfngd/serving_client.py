@@ -28,6 +28,8 @@ import urllib.request
 
 import numpy as np
 
+from tfngd.validation import check_integer
+
 SIGNATURE_NAME = "serving_default"
 OUTPUT_KEY = "samples"
 DEFAULT_PORT = 8501
@@ -43,12 +45,6 @@ class ServingError(RuntimeError):
         self.url = url
 
 
-def _int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
 def build_request(num_samples: int, seed: int, num_steps: int, label: int | None = None,
                   guidance_scale: float | None = None,
                   signature_name: str = SIGNATURE_NAME) -> dict:
@@ -59,9 +55,9 @@ def build_request(num_samples: int, seed: int, num_steps: int, label: int | None
     checks are the server's (it names the allowed ranges in its error).
     """
     inputs = {
-        "num_samples": _int("num_samples", num_samples),
-        "seed": _int("seed", seed),
-        "num_steps": _int("num_steps", num_steps),
+        "num_samples": check_integer("num_samples", num_samples),
+        "seed": check_integer("seed", seed),
+        "num_steps": check_integer("num_steps", num_steps),
     }
     if label is None:
         if guidance_scale is not None:
@@ -70,7 +66,7 @@ def build_request(num_samples: int, seed: int, num_steps: int, label: int | None
         scale = 1.0 if guidance_scale is None else float(guidance_scale)
         if not math.isfinite(scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
-        inputs["label"] = _int("label", label)
+        inputs["label"] = check_integer("label", label)
         inputs["guidance_scale"] = scale
     return {"signature_name": signature_name, "inputs": inputs}
 
@@ -86,8 +82,8 @@ def predict_url(host: str, model_name: str, version: int | None = None,
         host = f"[{host}]"  # IPv6 literal
     path = f"/v1/models/{urllib.parse.quote(model_name, safe='')}"
     if version is not None:
-        path += f"/versions/{_int('version', version)}"
-    return f"http://{host}:{_int('port', port)}{path}:predict"
+        path += f"/versions/{check_integer('version', version)}"
+    return f"http://{host}:{check_integer('port', port)}{path}:predict"
 
 
 def decode_outputs(response: dict, output_key: str = OUTPUT_KEY) -> np.ndarray:

@@ -258,8 +258,9 @@ def train(config: TrainConfig, ae_config: AutoencoderConfig, run_dir: str, *,
     eval_ds = data_lib.evaluation_bank(
         eval_latents, config.num_timesteps, seed=config.seed + 1, batch_size=256,
         labels=splits.eval_labels if labels else None)
+    # The spacing is the model's default_spacing ("leading" for latents).
     sample_kwargs = {"sampler": config.sampling_method, "num_steps": config.sample_steps,
-                     "eta": config.eta, "spacing": latent.LATENT_SPACING}
+                     "eta": config.eta}
     num_samples = config.samples_for(splits.data_shape)
     fit_callbacks = [
         checkpointing.CheckpointCallback(runs.checkpoint_dir(run_dir)),
@@ -267,8 +268,7 @@ def train(config: TrainConfig, ae_config: AutoencoderConfig, run_dir: str, *,
             runs.log_dir(run_dir), sample_every_epochs=sample_every_epochs,
             num_samples=num_samples, sample_steps=config.sample_steps, seed=config.seed,
             sampler=config.sampling_method, batch_size=config.batch_size,
-            sample_kwargs={"eta": config.eta, "spacing": latent.LATENT_SPACING,
-                           "decode": True}),
+            sample_kwargs={"eta": config.eta, "decode": True}),
     ]
     started = time.perf_counter()
     history = {}
@@ -295,8 +295,7 @@ def train(config: TrainConfig, ae_config: AutoencoderConfig, run_dir: str, *,
         name = export_name or f"latent_{config.dataset}"
         export_dir = os.path.join(export_root, name, str(next_version(export_root, name)))
         export.export_sampler(model, export_dir, sampler=config.sampling_method,
-                              eta=config.eta, spacing=latent.LATENT_SPACING,
-                              decoder=model.image_decoder())
+                              eta=config.eta, decoder=model.image_decoder())
         summary["saved_model"] = export_dir
     summary["model"] = model
     return summary

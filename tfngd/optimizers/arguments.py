@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from tfngd.validation import check_integer
+
 
 def require_choice(arg: str, value, choices) -> None:
     if value not in choices:
@@ -23,5 +25,4 @@ def require_fraction(arg: str, value) -> None:
 def require_counts(**counts) -> None:
     """Every value an integer >= 1 (not a bool)."""
     for arg, value in counts.items():
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+        check_integer(arg, value, 1)
