@@ -250,3 +250,9 @@ def test_bits_per_dim_is_summarised_over_seeds_and_older_trials_have_none():
     half = scipy.stats.t.ppf(0.975, 2) * np.std([3.0, 3.2, 3.4], ddof=1) / math.sqrt(3)
     assert bits["low"] == pytest.approx(3.2 - half) and bits["chain_steps"] == [100]
     assert per["kfac"]["bits_per_dim"]["n"] == 0 and per["kfac"]["bits_per_dim"]["mean"] is None
+    # Records without num_timesteps (older trials) count as scored on a respaced chain.
+    assert bits["full_chain"] is False and per["kfac"]["bits_per_dim"]["full_chain"] is False
+    for record in adam:
+        record["likelihood"]["num_timesteps"] = 100
+    per = analysis.analyze_optimizers({"adam": adam, "kfac": kfac})["per_optimizer"]
+    assert per["adam"]["bits_per_dim"]["full_chain"] is True

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfngd import likelihood, samplers
+from tfngd import likelihood
 from tfngd.bench import analysis, trials
 from tfngd.config import TrainConfig, build_model
 from trainers import bench
@@ -29,8 +29,11 @@ def test_held_out_bits_per_dim_is_the_bound_of_each_batch_on_a_linspace_chain():
     result = trials.held_out_bits_per_dim(model, images, chain_steps=5, seed=11, batch_size=3)
 
     kept = np.round(np.linspace(0, 39, 5)).astype(np.int32)  # linspace keeps t = 0 and T - 1
-    bound = likelihood.make_variational_bound(samplers.ema_denoiser_fn(model), model.diffusion,
-                                              kept, clip_x0=True, discrete=True)
+    def ema_network(x, t):  # the unconditional model's EMA weights, called directly
+        return model.ema_denoiser([x, t], training=False)
+
+    bound = likelihood.make_variational_bound(ema_network, model.diffusion, kept, clip_x0=True,
+                                              discrete=True)
     expected = np.concatenate([
         bound(tf.constant(images[start:start + 3]), tf.constant([11, index], tf.int64))
         ["bits_per_dim"].numpy() for index, start in enumerate(range(0, 7, 3))])
@@ -40,6 +43,7 @@ def test_held_out_bits_per_dim_is_the_bound_of_each_batch_on_a_linspace_chain():
     assert result["ci95_low"] == pytest.approx(summary["low"], rel=1e-6)
     assert result["ci95_high"] == pytest.approx(summary["high"], rel=1e-6)
     assert result["num_examples"] == 7 and result["chain_steps"] == 5
+    assert result["num_timesteps"] == 40
     # Other noise gives another Monte-Carlo value of the same bound.
     other = trials.held_out_bits_per_dim(model, images, chain_steps=5, seed=12, batch_size=3)
     assert other["bits_per_dim"] != result["bits_per_dim"]
@@ -61,6 +65,7 @@ def test_an_image_task_end_to_end_records_sample_metrics_and_bits_per_dim(tmp_pa
     assert held_out["num_examples"] == 297  # the whole held-out split of the digits
     # The chain has BPD_CHAIN_STEPS steps, or all of them when T is shorter (40 here).
     assert held_out["chain_steps"] == min(trials.BPD_CHAIN_STEPS, 40) == 40
+    assert held_out["num_timesteps"] == 40
     # An untrained-for-long network is far from the data, but the bound is a finite
     # positive number of bits (8 bits/dim would be a uniform model of 256 levels).
     assert 0 < held_out["bits_per_dim"] < 50
@@ -68,3 +73,4 @@ def test_an_image_task_end_to_end_records_sample_metrics_and_bits_per_dim(tmp_pa
     report = (output / "REPORT.md").read_text()
     assert "Held-out likelihood (bits/dim" in report
     assert f"{held_out['bits_per_dim']:.4g}" in report
+    assert "on the full 40-step chain (x0 clipped)" in report and "respaced" not in report

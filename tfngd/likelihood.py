@@ -24,7 +24,8 @@ and section 4 of the shared ``diffusion.md``.
 Built on them (below): the DDPM variational bound in bits per dimension on the
 full or a respaced chain, :func:`make_variational_bound` /
 :func:`variational_bound` (Ho et al. 2020, appendix A; Nichol & Dhariwal 2021),
-with :func:`gaussian_log_likelihood` as the decoder of continuous data, and the
+evaluated over a data set batch by batch with :func:`bound_in_batches`, with
+:func:`gaussian_log_likelihood` as the decoder of continuous data, and the
 single-timestep term of that bound that the hybrid objective of a learned-variance
 model trains on, :func:`timestep_vlb_bits` (Nichol & Dhariwal 2021, section 3.1).
 With ``variance_type="learned_range"`` every reverse variance here is the network's
@@ -391,3 +392,19 @@ def variational_bound(denoiser_fn, diffusion, x0, seed, timesteps=None,
     """
     bound = make_variational_bound(denoiser_fn, diffusion, timesteps, clip_x0, discrete)
     return bound(x0, seed)
+
+
+def bound_in_batches(bound, examples: np.ndarray, batch_size: int, seed: int):
+    """Evaluate ``bound`` (a :func:`make_variational_bound` function) on ``examples`` in
+    batches of ``batch_size``: yields ``(batch_index, batch, outputs)`` in order.
+
+    One graph serves every batch (the last may be smaller), and batch ``b`` draws its noise
+    from the seed pair ``(seed, b)``, so every model scored with the same ``seed`` and
+    ``batch_size`` sees the same draws.
+    """
+    concrete = bound.get_concrete_function(
+        tf.TensorSpec([None, *examples.shape[1:]], tf.float32), tf.TensorSpec([2], tf.int64))
+    for batch_index, start in enumerate(range(0, len(examples), batch_size)):
+        batch = examples[start:start + batch_size]
+        yield batch_index, batch, concrete(tf.constant(batch, tf.float32),
+                                           tf.constant([seed, batch_index], tf.int64))

@@ -529,6 +529,21 @@ class DiffusionModel(PrebuiltModel):
         return samplers.denoiser_fn(denoiser, label, guidance_scale, self.null_label,
                                     learned_variance=self.diffusion.learns_variance)
 
+    def unconditional_network_fn(self, denoiser=None):
+        """``fn(x_t, t)`` of ``denoiser`` (default :attr:`ema_denoiser`), unconditional: a
+        class-conditional model gets its null label (the unconditional model that
+        classifier-free guidance trains alongside), sized to the batch at call time. The
+        full network output, learned-variance channels included: what likelihood
+        evaluations score."""
+        denoiser = self.ema_denoiser if denoiser is None else denoiser
+        if self.num_classes is None:
+            return self.network_fn(denoiser)
+
+        def unconditional(x, t):
+            return self.network_fn(denoiser, tf.fill(tf.shape(t), self.null_label))(x, t)
+
+        return unconditional
+
     def graph_function(self, key, build):
         """The ``tf.function`` that ``build()`` returns, built once per ``key`` (the hashable
         settings it closes over) and kept on the model, so that repeated calls with the

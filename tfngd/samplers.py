@@ -184,19 +184,6 @@ def make_sampler(name: str, variance_type: str = "fixed_small", eta: float = 0.0
     raise ValueError(f"Unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
 
 
-def ema_denoiser_fn(model):
-    """``fn(x_t, t)`` of a :class:`~tfngd.model.DiffusionModel`'s EMA weights, unconditional:
-    a class-conditional model gets its null label (the unconditional model that
-    classifier-free guidance trains alongside). What likelihood evaluations score."""
-    if model.num_classes is None:
-        return denoiser_fn(model.ema_denoiser)
-
-    def unconditional(x, t):
-        return denoiser_fn(model.ema_denoiser, label=tf.fill(tf.shape(t), model.null_label))(x, t)
-
-    return unconditional
-
-
 def denoiser_fn(denoiser, label=None, guidance_scale=None, null_label: int | None = None,
                 learned_variance: bool = False):
     """Wrap a denoiser ``model([x, t(, label)])`` as ``fn(x, t) -> prediction``.

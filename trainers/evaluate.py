@@ -174,16 +174,19 @@ def evaluate(args) -> dict:
     return {**header, **bound_results(args, model, examples)}
 
 
-def _batches(examples, batch_size: int, verbose: int, metric: str):
-    """``(index, batch, progress)`` over ``examples``, with a Keras progress bar."""
+def _progress_bar(num_examples: int, batch_size: int, verbose: int, metric: str):
+    """A Keras progress bar over the batches of ``num_examples`` examples."""
     import keras
 
-    num_batches = math.ceil(len(examples) / batch_size)
-    progress = keras.utils.Progbar(num_batches, verbose=verbose, unit_name="batch",
-                                   stateful_metrics=[metric])
-    for batch_index in range(num_batches):
-        yield (batch_index, examples[batch_index * batch_size:(batch_index + 1) * batch_size],
-               progress)
+    return keras.utils.Progbar(math.ceil(num_examples / batch_size), verbose=verbose,
+                               unit_name="batch", stateful_metrics=[metric])
+
+
+def _batches(examples, batch_size: int, verbose: int, metric: str):
+    """``(index, batch, progress)`` over ``examples``, with a Keras progress bar."""
+    progress = _progress_bar(len(examples), batch_size, verbose, metric)
+    for batch_index, start in enumerate(range(0, len(examples), batch_size)):
+        yield batch_index, examples[start:start + batch_size], progress
 
 
 def ode_results(args, model, examples) -> dict:
@@ -254,9 +257,8 @@ def ndm_results(args, model, examples) -> dict:
 def bound_results(args, model, examples) -> dict:
     """The DDPM variational bound on the full or a respaced chain, with its terms."""
     import numpy as np
-    import tensorflow as tf
 
-    from tfngd import likelihood, samplers, schedules
+    from tfngd import likelihood, schedules
 
     diffusion = model.diffusion
     num_timesteps = diffusion.num_timesteps
@@ -265,20 +267,16 @@ def bound_results(args, model, examples) -> dict:
     timesteps = None
     if args.steps is not None:
         timesteps = schedules.respaced_timesteps(num_timesteps, args.steps, args.spacing).numpy()
-    bound = likelihood.make_variational_bound(samplers.ema_denoiser_fn(model), diffusion,
+    bound = likelihood.make_variational_bound(model.unconditional_network_fn(), diffusion,
                                               timesteps, clip_x0=clip_x0, discrete=discrete)
-    # One graph for every batch size (the last batch may be smaller).
-    bound = bound.get_concrete_function(
-        tf.TensorSpec([None, *examples.shape[1:]], tf.float32), tf.TensorSpec([2], tf.int64))
 
     per_example = {key: [] for key in ("bits_per_dim", "nats_per_dim", "prior_bpd",
                                        "decoder_bpd", "kl_bpd")}
     per_step_sum = None
     started = time.perf_counter()
-    for batch_index, batch, progress in _batches(examples, args.batch_size, args.verbose,
-                                                 "bits/dim"):
-        out = bound(tf.constant(batch, tf.float32),
-                    tf.constant([args.seed, batch_index], tf.int64))
+    progress = _progress_bar(len(examples), args.batch_size, args.verbose, "bits/dim")
+    for batch_index, batch, out in likelihood.bound_in_batches(bound, examples,
+                                                               args.batch_size, args.seed):
         for key, values in per_example.items():
             values.extend(out[key].numpy().tolist())
         # per_step_bpd is a batch mean: weight by the batch size to average over examples.

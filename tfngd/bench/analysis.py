@@ -230,6 +230,9 @@ def analyze_optimizers(finals: dict[str, list[dict]], first_order=("adam", "adam
         scored = [r["likelihood"] for r in records if r.get("likelihood")]
         entry["bits_per_dim"] = summarize([s.get("bits_per_dim") for s in scored])
         entry["bits_per_dim"]["chain_steps"] = sorted({s["chain_steps"] for s in scored})
+        # Older records lack num_timesteps; they were all scored on respaced chains.
+        entry["bits_per_dim"]["full_chain"] = bool(scored) and all(
+            s["chain_steps"] == s.get("num_timesteps") for s in scored)
         skipped_updates = [value for r in records
                            for key, value in (r.get("optimizer_diagnostics") or {}).items()
                            if key.endswith("skipped_updates")]

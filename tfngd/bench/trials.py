@@ -373,29 +373,24 @@ def held_out_bits_per_dim(model, images: np.ndarray, chain_steps: int = BPD_CHAI
     noise is fixed (``seed``), so every trial is scored on the same draws.
 
     Returns ``{"bits_per_dim", "ci95_low", "ci95_high"}`` (mean and Student-t interval
-    over examples), ``num_examples``, ``chain_steps``, ``seconds``.
+    over examples), ``num_examples``, ``chain_steps``, ``num_timesteps`` (``T``: the chain
+    is the full one when they are equal), ``seconds``.
     """
-    import tensorflow as tf
-
-    from tfngd import likelihood, metrics, samplers, schedules
+    from tfngd import likelihood, metrics, schedules
 
     started = time.perf_counter()
     num_timesteps = model.diffusion.num_timesteps
     timesteps = schedules.respaced_timesteps(num_timesteps, min(chain_steps, num_timesteps),
                                              "linspace").numpy()
-    bound = likelihood.make_variational_bound(samplers.ema_denoiser_fn(model), model.diffusion,
+    bound = likelihood.make_variational_bound(model.unconditional_network_fn(), model.diffusion,
                                               timesteps, clip_x0=True, discrete=True)
-    bound = bound.get_concrete_function(tf.TensorSpec([None, *images.shape[1:]], tf.float32),
-                                        tf.TensorSpec([2], tf.int64))
-    values = []
-    for index, start in enumerate(range(0, len(images), batch_size)):
-        batch = tf.constant(images[start:start + batch_size], tf.float32)
-        values.append(bound(batch, tf.constant([seed, index], tf.int64))["bits_per_dim"].numpy())
+    values = [outputs["bits_per_dim"].numpy() for _, _, outputs
+              in likelihood.bound_in_batches(bound, images, batch_size, seed)]
     values = np.concatenate(values).astype(np.float64)
     mean, low, high = metrics.mean_confidence_interval(values, 0.95)
     return {"bits_per_dim": mean, "ci95_low": low, "ci95_high": high,
             "num_examples": int(len(values)), "chain_steps": int(len(timesteps)),
-            "seconds": time.perf_counter() - started}
+            "num_timesteps": int(num_timesteps), "seconds": time.perf_counter() - started}
 
 
 def run_trial(spec: TrialSpec, context: TaskContext, output_dir: str) -> dict:
