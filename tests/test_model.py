@@ -299,3 +299,38 @@ def test_sample_checks_label_and_guidance_before_any_work():
             model.sample(3, seed=1, num_steps=3, **kwargs)
     with pytest.raises(ValueError, match="the model is unconditional"):
         make_model().sample(3, seed=1, num_steps=3, label=0)
+
+
+def test_sample_refuses_bad_counts_before_any_work():
+    model = make_model()
+    for kwargs, message in (
+            (dict(num_samples=0), r"num_samples must be an integer >= 1, got 0"),
+            (dict(num_samples=2.0), r"num_samples must be an integer >= 1, got 2.0"),
+            (dict(num_samples=True), r"num_samples must be an integer >= 1, got True"),
+            (dict(num_steps=0), rf"num_steps must be an integer in \[1, {T}\] \(the length of "
+                                r"the chain\), got 0"),
+            (dict(num_steps=T + 1), rf"num_steps must be an integer in \[1, {T}\]"),
+            (dict(num_steps=3.0), rf"num_steps must be an integer in \[1, {T}\]")):
+        arguments = dict(num_samples=2, num_steps=3) | kwargs
+        with pytest.raises(ValueError, match=message):
+            model.sample(seed=1, **arguments)
+    assert not model._sample_functions  # refused before a sampler was built
+    assert model.sample(np.int64(2), seed=1, num_steps=np.int32(3)).shape == (2, 2)
+
+
+def test_unconditional_network_fn_is_the_ema_network_at_the_null_label():
+    x = tf.constant(data(5))
+    t = tf.constant([0, 10, 50, 99, 3], tf.int32)
+    conditional = make_model(num_classes=3)
+    for w in conditional.ema_denoiser.weights:  # EMA weights that differ from the network's
+        w.assign(0.5 * w)
+    null = tf.fill([5], 3)  # num_classes is the null label
+    np.testing.assert_allclose(conditional.unconditional_network_fn()(x, t),
+                               conditional.ema_denoiser([x, t, null], training=False), rtol=1e-6)
+    np.testing.assert_allclose(conditional.unconditional_network_fn(conditional.denoiser)(x, t),
+                               conditional.denoiser([x, t, null], training=False), rtol=1e-6)
+    assert np.max(np.abs(conditional.unconditional_network_fn()(x, t)
+                         - conditional.denoiser([x, t, null], training=False))) > 1e-3
+    unconditional = make_model()
+    np.testing.assert_allclose(unconditional.unconditional_network_fn()(x, t),
+                               unconditional.ema_denoiser([x, t], training=False), rtol=1e-6)

@@ -472,3 +472,14 @@ def test_bad_input_is_refused_with_clear_errors():
     model = sdelib.ScoreSDEModel(build_mlp_denoiser(2, 8, 0), sde)
     with pytest.raises(ValueError, match="Unknown sampler 'ddim'"):
         model.sample(2, sampler="ddim")
+    for kwargs, message in ((dict(num_samples=0), "num_samples must be an integer >= 1, got 0"),
+                            (dict(num_samples=2.0), "num_samples must be an integer >= 1"),
+                            (dict(num_steps=0), "num_steps must be an integer >= 1, got 0"),
+                            (dict(num_steps=2.5), "num_steps must be an integer >= 1"),
+                            (dict(corrector_steps=-1),
+                             "corrector_steps must be an integer >= 0, got -1")):
+        with pytest.raises(ValueError, match=message):
+            model.sample(**(dict(num_samples=2, num_steps=3) | kwargs))
+    assert not model._sample_functions  # refused before a sampler was built
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 1, got 0"):
+        sdelib.VPSDE(num_steps=0)

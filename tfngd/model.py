@@ -43,6 +43,7 @@ from tfngd.optimizers.bucketed_fisher import (
 )
 from tfngd.optimizers.training import ForwardPass, gradients_and_curvature, kfac_of
 from tfngd.timestep_sampling import make_timestep_sampler
+from tfngd.validation import check_integer
 
 #: How the loss weights enter K-FAC's Fisher (``DiffusionModel(fisher_weighting=...)``).
 FISHER_WEIGHTINGS = ("loss", "unweighted")
@@ -579,11 +580,9 @@ class DiffusionModel(PrebuiltModel):
         spacing = self.default_spacing if spacing is None else spacing
         if num_steps is None:
             num_steps = self.diffusion.num_timesteps
-        if not 1 <= num_steps <= self.diffusion.num_timesteps:
-            raise ValueError(f"num_steps must be in [1, {self.diffusion.num_timesteps}] (the "
-                             f"length of the chain), got {num_steps}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        num_steps = check_integer("num_steps", num_steps, 1, self.diffusion.num_timesteps,
+                                  detail=" (the length of the chain)")
+        num_samples = check_integer("num_samples", num_samples, 1)
         label, guidance_scale = self.check_conditioning(label, guidance_scale, num_samples)
         if denoiser is None:
             denoiser = self.ema_denoiser if use_ema else self.denoiser

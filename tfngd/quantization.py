@@ -73,6 +73,7 @@ import tensorflow as tf
 
 from tfngd.export import check_finite_weights
 from tfngd.model import DiffusionModel
+from tfngd.validation import check_integer
 
 MODES = ("float32", "dynamic_range", "int8")
 #: Input names of the converted model's signature (and of its ``serving_default`` key).
@@ -130,9 +131,7 @@ def calibration_inputs(model: DiffusionModel, images, labels=None,
     inputs of :func:`input_signature`.
     """
     model = _check_model(model)
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) \
-            or num_examples < 1:
-        raise ValueError(f"num_examples must be an integer >= 1, got {num_examples!r}")
+    num_examples = check_integer("num_examples", num_examples, 1)
     images = np.asarray(images, dtype=np.float32)
     if images.ndim < 2 or tuple(images.shape[1:]) != model.data_shape or len(images) == 0:
         raise ValueError(f"images must have shape [N, {', '.join(map(str, model.data_shape))}] "

@@ -28,6 +28,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from tfngd.validation import check_integer
+
 SCHEDULES = ("linear", "cosine")
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -67,8 +69,7 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 def make_betas(name: str, num_timesteps: int, zero_terminal_snr: bool = False) -> np.ndarray:
     """The float64 beta table of the schedule called ``name``."""
-    if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 2:
-        raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
+    num_timesteps = check_integer("num_timesteps", num_timesteps, 2)
     if name == "linear":
         betas = linear_betas(num_timesteps)
     elif name == "cosine":

@@ -59,6 +59,7 @@ import tensorflow_probability as tfp
 from tfngd import distribute, likelihood, samplers
 from tfngd import gaussian_diffusion as gd
 from tfngd.model import _STREAM_NOISE, _STREAM_T, DiffusionModel
+from tfngd.validation import check_integer
 
 SDE_NAMES = ("vp", "subvp", "ddpm")
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
@@ -153,9 +154,7 @@ class SDE(abc.ABC):
     name = ""
 
     def __init__(self, num_steps: int):
-        if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-        self.num_steps = int(num_steps)
+        self.num_steps = check_integer("num_steps", num_steps, 1)
 
     @abc.abstractmethod
     def beta(self, t) -> tf.Tensor:
@@ -499,10 +498,8 @@ def pc_sample(denoiser_fn, sde: SDE, shape, seed, num_steps: int | None = None,
       ``N (1 + corrector_steps)``.
     """
     num_steps = sde.num_steps if num_steps is None else num_steps
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    if not isinstance(corrector_steps, (int, np.integer)) or corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
+    num_steps = check_integer("num_steps", num_steps, 1)
+    corrector_steps = check_integer("corrector_steps", corrector_steps, 0)
     if not (np.isfinite(snr) and snr > 0):
         raise ValueError(f"snr must be a finite number > 0, got {snr!r}")
     if predictor not in PREDICTORS:
@@ -931,8 +928,10 @@ class ScoreSDEModel(DiffusionModel):
         if sampler not in SDE_SAMPLERS:
             raise ValueError(f"Unknown sampler {sampler!r} for a ScoreSDEModel; valid: "
                              f"{', '.join(SDE_SAMPLERS)}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        num_samples = check_integer("num_samples", num_samples, 1)
+        if num_steps is not None:
+            num_steps = check_integer("num_steps", num_steps, 1)
+        corrector_steps = check_integer("corrector_steps", corrector_steps, 0)
         label, guidance_scale = self.check_conditioning(label, guidance_scale, num_samples)
         key = ("sde_sample", num_samples, sampler, num_steps, float(snr), corrector_steps,
                float(eps_t), float(rtol), float(atol), label is None, guidance_scale is None,
