@@ -20,7 +20,7 @@ import os
 import keras
 
 from tfngd import data as data_lib
-from tfngd import distribute, nonfinite, schedules, sde, timestep_sampling
+from tfngd import distribute, nonfinite, samplers, schedules, sde, timestep_sampling
 from tfngd import gaussian_diffusion as gd
 from tfngd.model import FISHER_WEIGHTINGS, DiffusionModel
 from tfngd.ndm import REVERSE_PARAMETERISATIONS, NeuralDiffusionModel
@@ -178,8 +178,11 @@ class TrainConfig:
         if self.sampler != "auto" and self.sampler not in MODEL_SAMPLERS[self.model]:
             raise ConfigError(f"sampler={self.sampler!r} does not sample a model={self.model!r}; "
                               f"choose one of: {', '.join(('auto', *MODEL_SAMPLERS[self.model]))}")
-        if self.sampler == "dpmpp_2m" and self.eta != 0.0:
-            raise ConfigError(f"sampler='dpmpp_2m' is deterministic: eta must be 0, not {self.eta}")
+        if self.sampling_method in samplers.SAMPLERS:  # the samplers' own rules, e.g. eta
+            try:
+                samplers.make_sampler(self.sampling_method, eta=self.eta)
+            except ValueError as err:
+                raise ConfigError(f"sampler={self.sampling_method!r}: {err}") from None
         if self.model == "score_sde":
             if self.timestep_sampler != "uniform":
                 raise ConfigError("model='score_sde' draws continuous times t ~ U(eps, 1): "
