@@ -301,3 +301,43 @@ def test_trials_recorded_before_an_option_existed_are_reused_real_changes_are_no
     benchmark.run_benchmark(changed, str(tmp_path), "tfngd-bench --test", progress=print,
                             trial_runner=rerun, render=False)
     assert len(rerun.calls) == 8
+
+
+def test_a_full_run_answers_the_tuning_trial_that_trained_the_same_but_not_conversely(
+        tmp_path):
+    """Tuning on the full horizon: the stage-2 trial of seed 0 trained exactly like the
+    tuning trial of the same point (samples do not touch training), so a benchmark that
+    finds it does not train that point again; a tuning trial never stands in for a full run
+    (it has no samples), and one on another horizon answers nothing."""
+    full_horizon = dict(tune_steps=40, steps=40, seeds=2)
+    finals_only = small_settings(**full_horizon, grids={
+        "adam": {"learning_rate": (2e-3,)}, "kfac": {"learning_rate": (0.1,),
+                                                      "damping": (1e-3,)}})
+    benchmark.run_benchmark(finals_only, str(tmp_path), "cmd", progress=lambda _: None,
+                            trial_runner=CountingRunner(), render=False)
+
+    settings = small_settings(**full_horizon)
+    runner = CountingRunner()
+    lines = []
+    results = benchmark.run_benchmark(settings, str(tmp_path), "cmd", progress=lines.append,
+                                      trial_runner=runner)
+    tuning = {(spec.optimizer, spec.hyperparameters["learning_rate"]): spec
+              for spec in protocol.tuning_specs(settings, "checkerboard")}
+    assert sorted(runner.calls) == sorted([tuning["adam", 1e-3].trial_id,
+                                           tuning["kfac", 0.05].trial_id])
+    rows = {(row["optimizer"], row["hyperparameters"]["learning_rate"]): row
+            for row in results["tasks"]["checkerboard"]["tuning"]}
+    assert rows["adam", 2e-3]["from_full_run"] and not rows["adam", 1e-3]["from_full_run"]
+    assert rows["adam", 2e-3]["trial_id"] != tuning["adam", 2e-3].trial_id
+    assert "(its full run's training)" in (tmp_path / "REPORT.md").read_text()
+
+    fresh = CountingRunner()
+    benchmark.run_benchmark(settings, str(tmp_path / "fresh"), "cmd", progress=lambda _: None,
+                            trial_runner=fresh, render=False)
+    assert len(fresh.calls) == 4 + 2 * 2  # stage 2 runs although its tuning twins exist
+
+    short = CountingRunner()
+    benchmark.run_benchmark(small_settings(seeds=2), str(tmp_path), "cmd",
+                            progress=lambda _: None, trial_runner=short, render=False)
+    # The 20-step tuning trials run; the 40-step finals are those of the first benchmark.
+    assert len(short.calls) == 4 and all("-20steps-" in call for call in short.calls)

@@ -286,6 +286,7 @@ def analyze_task(output: str, settings: protocol.BenchSettings, task_name: str,
                 "final_val_loss": None if record is None else analysis.final_value(record),
                 "diverged": None if record is None else record.get("diverged"),
                 "train_seconds": None if record is None else record["timing"]["train_seconds"],
+                "from_full_run": record is not None and record.get("stage") == "final",
                 "chosen": selection.get("index") == i})
     plots_dir = os.path.join(output, "plots")
     os.makedirs(plots_dir, exist_ok=True)
@@ -410,6 +411,8 @@ def task_markdown(entry: dict) -> list[str]:
             ("single grid point: stage 1 skipped" if row.get("single_point") else "not run")
         if row.get("diverged"):
             loss += " (diverged)"
+        if row.get("from_full_run"):
+            loss += " (its full run's training)"
         rows.append([row["optimizer"], grids.format_hyperparameters(row["hyperparameters"]),
                      loss, fmt(row["train_seconds"], 3), "**chosen**" if row["chosen"] else ""])
     lines += _table(["optimizer", "hyperparameters", "final val loss", "train s", ""], rows)

@@ -130,6 +130,17 @@ def comparable_identity(identity: dict) -> str | None:
     return json.dumps({**identity, "config": config}, sort_keys=True)
 
 
+def training_identity(identity: dict) -> dict:
+    """``identity`` with the sample counts at zero: what the training alone depends on.
+
+    Sampling cannot change a trial's training: every random draw of a training step is
+    stateless, seeded by ``(seed, step)`` (:mod:`tfngd.model`), and the samplers take their
+    own seed. So a full run with samples holds everything a tuning trial of the same
+    configuration, seed and horizon would record (its curve, timing and final loss), and
+    answers it."""
+    return {**identity, "num_samples": 0, "curve_samples": 0}
+
+
 def trial_key(optimizer: str, hyperparameters: dict, seed: int, steps: int,
               identity: dict) -> tuple:
     """What a trial is within one benchmark, whatever the TrainConfig defaults of the day:
@@ -210,12 +221,19 @@ class TrialStore:
         return record
 
     def _equivalent(self, spec: TrialSpec) -> dict | None:
-        """A finished trial recorded under an older TrainConfig that did the same work
-        (:func:`comparable_identity`), or None."""
+        """A finished trial that did the same work, or None: one recorded under an older
+        TrainConfig (:func:`comparable_identity`), and for a trial that draws no samples (a
+        tuning trial) also one that trained identically but drew samples too
+        (:func:`training_identity`)."""
         wanted = comparable_identity(spec.identity)
+        draws_samples = bool(spec.num_samples or spec.curve_samples)
         for record in self.records_of(spec.task).values():
-            if (record.get("identity") and record.get("optimizer") == spec.optimizer
-                    and comparable_identity(record["identity"]) == wanted):
+            identity = record.get("identity")
+            if not identity or record.get("optimizer") != spec.optimizer:
+                continue
+            if comparable_identity(identity) == wanted or (
+                    not draws_samples and comparable_identity(training_identity(identity))
+                    == wanted):
                 return record
         return None
 
