@@ -308,6 +308,22 @@ def test_seeds_make_the_draws_reproducible():
     assert not np.allclose(bound(x0, tf.constant([11, 1]))["bits_per_dim"].numpy(), first)
 
 
+def test_bound_in_batches_seeds_batch_b_with_the_pair_seed_b():
+    """Ten examples in batches of 4: batches 0, 1, 2 of sizes 4, 4, 2, in order, and each
+    batch's values are the bound's on that batch with the seed pair (seed, b)."""
+    diffusion = GaussianDiffusion("cosine", 30, prediction_type="eps")
+    x0 = (MEAN + STD * np.random.default_rng(4).standard_normal((10, 2))).astype(np.float32)
+    bound = likelihood.make_variational_bound(optimal_eps(diffusion), diffusion,
+                                              discrete=False)
+    assert [(b, len(batch)) for b, batch in likelihood.example_batches(x0, 4)] == [
+        (0, 4), (1, 4), (2, 2)]
+    batches = list(likelihood.bound_in_batches(bound, x0, 4, seed=7))
+    np.testing.assert_array_equal(np.concatenate([batch for _, batch, _ in batches]), x0)
+    for b, batch, out in batches:
+        direct = bound(tf.constant(batch), tf.constant([7, b], tf.int64))["bits_per_dim"]
+        np.testing.assert_allclose(out["bits_per_dim"].numpy(), direct.numpy(), rtol=1e-6)
+
+
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"timesteps": [0]}, ["at least 2"]),
     ({"timesteps": [3, 1, 5]}, ["increasing"]),

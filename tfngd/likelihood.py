@@ -394,6 +394,14 @@ def variational_bound(denoiser_fn, diffusion, x0, seed, timesteps=None,
     return bound(x0, seed)
 
 
+def example_batches(examples: np.ndarray, batch_size: int):
+    """``(batch_index, batch)`` over ``examples`` in order, batches of ``batch_size`` (the
+    last may be smaller): the batching of every likelihood evaluation, whose batch ``b`` is
+    seeded with ``(seed, b)``."""
+    for batch_index, start in enumerate(range(0, len(examples), batch_size)):
+        yield batch_index, examples[start:start + batch_size]
+
+
 def bound_in_batches(bound, examples: np.ndarray, batch_size: int, seed: int):
     """Evaluate ``bound`` (a :func:`make_variational_bound` function) on ``examples`` in
     batches of ``batch_size``: yields ``(batch_index, batch, outputs)`` in order.
@@ -404,7 +412,6 @@ def bound_in_batches(bound, examples: np.ndarray, batch_size: int, seed: int):
     """
     concrete = bound.get_concrete_function(
         tf.TensorSpec([None, *examples.shape[1:]], tf.float32), tf.TensorSpec([2], tf.int64))
-    for batch_index, start in enumerate(range(0, len(examples), batch_size)):
-        batch = examples[start:start + batch_size]
+    for batch_index, batch in example_batches(examples, batch_size):
         yield batch_index, batch, concrete(tf.constant(batch, tf.float32),
                                            tf.constant([seed, batch_index], tf.int64))

@@ -184,9 +184,11 @@ def _progress_bar(num_examples: int, batch_size: int, verbose: int, metric: str)
 
 def _batches(examples, batch_size: int, verbose: int, metric: str):
     """``(index, batch, progress)`` over ``examples``, with a Keras progress bar."""
+    from tfngd import likelihood
+
     progress = _progress_bar(len(examples), batch_size, verbose, metric)
-    for batch_index, start in enumerate(range(0, len(examples), batch_size)):
-        yield batch_index, examples[start:start + batch_size], progress
+    for batch_index, batch in likelihood.example_batches(examples, batch_size):
+        yield batch_index, batch, progress
 
 
 def ode_results(args, model, examples) -> dict:
