@@ -231,9 +231,9 @@ class TrialStore:
             identity = record.get("identity")
             if not identity or record.get("optimizer") != spec.optimizer:
                 continue
-            if comparable_identity(identity) == wanted or (
-                    not draws_samples and comparable_identity(training_identity(identity))
-                    == wanted):
+            if not draws_samples:  # a sample-free identity is its own training identity
+                identity = training_identity(identity)
+            if comparable_identity(identity) == wanted:
                 return record
         return None
 
