@@ -225,18 +225,38 @@ def ring(n=96, seed=3):
 
 
 def denoiser_statistics(model, t):
-    """This batch's K-FAC statistics of every block (exact Fisher) at timesteps ``t``."""
+    """This batch's K-FAC statistics of every block at timesteps ``t`` (the model's
+    optimizer's Fisher; noise: ``ring_noise``)."""
     optimizer = model.optimizer
     optimizer.build(model.denoiser.trainable_variables)
     x0 = ring(len(t))
-    noise = np.random.default_rng(4).normal(size=x0.shape).astype("float32")
+    noise = ring_noise(len(t))
     with tf.GradientTape(persistent=True) as tape:
         with optimizer.capture() as captured:
             result = model.denoising_loss(model.denoiser, x0, tf.constant(t), noise, None,
                                           tf.ones([len(t)]), training=True)
     statistics = optimizer.batch_statistics(tape, captured, result.outputs, "gaussian",
-                                            result.per_example_scale)
+                                            result.per_example_scale, result.loss)
     return [[s.numpy() for s in stats] for stats in statistics], result
+
+
+def ring_noise(n):
+    return np.random.default_rng(4).normal(size=(n, 2)).astype("float32")
+
+
+def test_empirical_fisher_type_folds_the_outer_products_of_the_denoising_residuals():
+    t = np.array([0, 3, 9, 17, 25, 33, 39, 12], np.int32)
+    statistics, result = denoiser_statistics(diffusion_model(fisher="empirical"), t)
+    # eps prediction, l_n = mean_d (f_n - eps_n)^2 with D = 2: the per-example gradient at
+    # the output layer's pre-activation (the network output) is N dL/df_n = (f_n - eps_n),
+    # and its G is the mean of their outer products (the MC / exact Fisher's is I).
+    residuals = result.outputs.numpy() - ring_noise(len(t))
+    expected = residuals.T @ residuals / len(t)
+    np.testing.assert_allclose(statistics[-1][1], expected, rtol=1e-5, atol=1e-7)
+    assert np.abs(expected - np.eye(2)).max() > 0.1  # not the Fisher's G by accident
+    exact, _ = denoiser_statistics(diffusion_model(fisher="exact"), t)
+    for (a_empirical, *_), (a_exact, *_) in zip(statistics, exact, strict=True):
+        np.testing.assert_array_equal(a_empirical, a_exact)  # the inputs are the same
 
 
 def test_unweighted_fisher_divides_the_output_layers_g_by_the_mean_min_snr_weight():
@@ -333,6 +353,10 @@ def test_config_options_build_and_validate():
                                  min_snr_gamma=5.0).validate()
     assert build_optimizer(config).fisher_buckets == 4
     assert build_model(config, (2,)).fisher_weighting == "unweighted"
+    assert build_optimizer(base.validate()).fisher == "mc"
+    for optimizer in ("kfac", "ekfac"):
+        empirical = dataclasses.replace(base, optimizer=optimizer, fisher_type="empirical")
+        assert build_optimizer(empirical.validate()).fisher == "empirical"
     for changes, message in (({"fisher_buckets": 0}, "fisher_buckets"),
                              ({"fisher_buckets": 2, "optimizer": "adam"}, "optimizer 'kfac'"),
                              ({"fisher_buckets": 2, "optimizer": "ekfac"}, "optimizer 'kfac'"),
@@ -341,6 +365,11 @@ def test_config_options_build_and_validate():
                              ({"fisher_buckets": 2, "strategy": "mirrored"}, "one device"),
                              ({"fisher_weighting": "snr"}, "fisher_weighting"),
                              ({"fisher_weighting": "unweighted", "optimizer": "adam"},
-                              "fisher_weighting")):
+                              "fisher_weighting"),
+                             ({"fisher_type": "exact"}, "fisher_type"),
+                             ({"fisher_type": "empirical", "optimizer": "dual"},
+                              "optimizer 'kfac' or 'ekfac'"),
+                             ({"fisher_type": "empirical", "fisher_weighting": "unweighted"},
+                              "fisher_type='empirical' has none")):
         with pytest.raises(ConfigError, match=message):
             dataclasses.replace(base, **changes).validate()

@@ -33,6 +33,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "kfac", "ekfac", "dual", "dual_empirical",
 # metric of each (docs/ngd-variants.md).
 SAMPLE_SPACE_METRICS = {"dual": "gauss_newton", "dual_empirical": "empirical",
                         "stein": "stein", "kwng": "wasserstein_kernel"}
+# K-FAC curvature a run may choose (KFAC(fisher=...)); "exact" is left out: one backward
+# pass per output dimension (784 on MNIST) is for tests of small networks.
+CONFIG_FISHER_TYPES = ("mc", "empirical")
 # Peak learning rate of each optimizer when --learning-rate is not given: Adam's and K-FAC's
 # were compared on the main job (docs/kfac.md, section 7); SGD's is a starting point only.
 DEFAULT_LEARNING_RATES = {"adam": 2e-3, "adamw": 2e-3, "sgd": 5e-2, "kfac": 0.1,
@@ -104,6 +107,7 @@ class TrainConfig:
     kernel_points: int = 64
     fisher_buckets: int = 1
     fisher_weighting: str = "loss"
+    fisher_type: str = "mc"
     global_clipnorm: float | None = 1.0
     batch_size: int = 64
     epochs: int = 30
@@ -151,7 +155,8 @@ class TrainConfig:
         return self
 
     def _validate_fisher_options(self) -> None:
-        """``fisher_buckets`` / ``fisher_weighting`` (the diffusion-aware K-FAC Fisher)."""
+        """``fisher_buckets`` / ``fisher_weighting`` (the diffusion-aware K-FAC Fisher) and
+        ``fisher_type``."""
         if self.fisher_buckets > 1:
             if self.optimizer != "kfac":
                 raise ConfigError(f"fisher_buckets={self.fisher_buckets} needs optimizer "
@@ -166,7 +171,14 @@ class TrainConfig:
                 raise ConfigError(f"fisher_buckets={self.fisher_buckets} needs "
                                   "kfac_approximation 'expand' or 'reduce', not "
                                   f"{self.kfac_approximation_used!r}")
+        if self.fisher_type != "mc" and self.optimizer not in ("kfac", "ekfac"):
+            raise ConfigError(f"fisher_type={self.fisher_type!r} is K-FAC's curvature: it needs "
+                              f"optimizer 'kfac' or 'ekfac', not {self.optimizer!r}")
         if self.fisher_weighting != "loss":
+            if self.fisher_type == "empirical":
+                raise ConfigError(f"fisher_weighting={self.fisher_weighting!r} reweights the "
+                                  "probes of an mc Fisher; fisher_type='empirical' has none "
+                                  "(its statistics are the loss's own gradients)")
             if self.optimizer not in ("kfac", "ekfac") or self.model != "ddpm":
                 raise ConfigError(f"fisher_weighting={self.fisher_weighting!r} changes the "
                                   "K-FAC Fisher of a DDPM: it needs optimizer 'kfac' or "
@@ -443,6 +455,7 @@ OPTION_RULES = {
     "kernel_points": Range(int, 1, 65_536),
     "fisher_buckets": Range(int, 1, 1000),
     "fisher_weighting": Choice(FISHER_WEIGHTINGS),
+    "fisher_type": Choice(CONFIG_FISHER_TYPES),
     "global_clipnorm": Range(float, 0.0, 1e6, low_open=True, optional=True),
     "batch_size": Range(int, 1, 65_536),
     "epochs": Range(int, 1, 1_000_000),
@@ -609,7 +622,7 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
                     statistics_examples=config.statistics_examples,
                     inverse_every=config.inverse_every,
                     approximation=config.kfac_approximation_used,
-                    fisher_buckets=config.fisher_buckets,
+                    fisher_buckets=config.fisher_buckets, fisher=config.fisher_type,
                     momentum=0.5 if config.momentum is None else config.momentum,
                     seed=config.seed, **modes, **common)
     if config.optimizer in SAMPLE_SPACE_METRICS:
@@ -679,6 +692,9 @@ OPTION_HELP = {
     "fisher_weighting": "loss weights in the K-FAC Fisher: loss (the Fisher of the weighted "
     "loss, importance x Min-SNR weights) or unweighted (every timestep's curvature counted "
     "equally; the gradient stays weighted) (kfac, ddpm)",
+    "fisher_type": "K-FAC's curvature: mc (the Fisher, one Monte Carlo output sample per "
+    "example) or empirical (outer products of the real per-example loss gradients: biased, "
+    "no probe backward pass) (kfac, ekfac)",
     "cg_iterations": "conjugate-gradient steps per update of the sample-space solve (dual, "
     "dual_empirical, stein, kwng)",
     "kernel_points": "Nystrom points of the kernelised Wasserstein metric (kwng)",
