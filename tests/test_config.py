@@ -86,11 +86,17 @@ def test_optimizers_are_keras_optimizers_with_clipping(name):
 
 def test_kfac_options_reach_the_optimizer():
     config = TrainConfig(kfac_approximation="reduce", inverse_method="eigh",
-                         statistics_examples=8).validate()
+                         statistics_examples=8, kl_clip=0.02).validate()
     optimizer = build_optimizer(config)
-    assert (optimizer.approximation, optimizer.inverse_method, optimizer.statistics_examples) == (
-        "reduce", "eigh", 8)
-    assert type(optimizer).from_config(optimizer.get_config()).approximation == "reduce"
+    assert (optimizer.approximation, optimizer.inverse_method, optimizer.statistics_examples,
+            optimizer.kl_clip) == ("reduce", "eigh", 8, 0.02)
+    restored = type(optimizer).from_config(optimizer.get_config())
+    assert (restored.approximation, restored.kl_clip) == ("reduce", 0.02)
+    assert build_optimizer(TrainConfig().validate()).kl_clip == 1e-3
+    assert build_optimizer(TrainConfig(kl_clip=None).validate()).kl_clip is None
+    for bad in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ConfigError, match="kl_clip"):
+            TrainConfig(kl_clip=bad).validate()
 
 
 @pytest.mark.parametrize("model,expected", [("ddpm", "expand"), ("ndm", "per_example"),

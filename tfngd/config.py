@@ -102,6 +102,7 @@ class TrainConfig:
     statistics_examples: int | None = 16
     inverse_every: int = 100
     inverse_method: str = "cholesky"
+    kl_clip: float | None = 1e-3
     kfac_approximation: str = "auto"
     cg_iterations: int = 10
     kernel_points: int = 64
@@ -450,6 +451,7 @@ OPTION_RULES = {
     "statistics_examples": Range(int, 1, 65_536, optional=True),
     "inverse_every": _PERIOD,
     "inverse_method": Choice(INVERSE_METHODS),
+    "kl_clip": Range(float, 0.0, 1e6, low_open=True, optional=True),
     "kfac_approximation": Choice(("auto", *APPROXIMATIONS)),
     "cg_iterations": Range(int, 1, 10_000),
     "kernel_points": Range(int, 1, 65_536),
@@ -623,6 +625,7 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
                     inverse_every=config.inverse_every,
                     approximation=config.kfac_approximation_used,
                     fisher_buckets=config.fisher_buckets, fisher=config.fisher_type,
+                    kl_clip=config.kl_clip,
                     momentum=0.5 if config.momentum is None else config.momentum,
                     seed=config.seed, **modes, **common)
     if config.optimizer in SAMPLE_SPACE_METRICS:
@@ -682,6 +685,9 @@ OPTION_HELP = {
     "(kfac; 'none': all)",
     "inverse_every": "K-FAC inverse refresh period in steps (kfac)",
     "inverse_method": "K-FAC factor inverses: eigh, or cholesky (much faster under XLA) (kfac)",
+    "kl_clip": "K-FAC trust region kappa: the update is scaled by nu = min(1, sqrt(kappa / "
+    "(eta^2 g^T F^-1 g))), so the quadratic KL of a step is at most kappa; 'none' disables "
+    "(kfac, ekfac)",
     "kfac_approximation": "K-FAC factors of shared weights (convolutions, Dense over tokens, "
     "layers called several times): auto (per_example for ndm, else expand), expand (every "
     "position an example), reduce (positions pooled first: cheaper) or per_example (from each "
