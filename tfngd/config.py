@@ -33,6 +33,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "kfac", "ekfac", "dual", "dual_empirical",
 # metric of each (docs/ngd-variants.md).
 SAMPLE_SPACE_METRICS = {"dual": "gauss_newton", "dual_empirical": "empirical",
                         "stein": "stein", "kwng": "wasserstein_kernel"}
+# The optimizers build_optimizer makes as tfngd.optimizers.KFAC (ekfac: with eigenvalue
+# correction); the K-FAC-only options need one of them.
+KFAC_OPTIMIZERS = ("kfac", "ekfac")
 # K-FAC curvature a run may choose (KFAC(fisher=...)); "exact" is left out: one backward
 # pass per output dimension (784 on MNIST) is for tests of small networks.
 CONFIG_FISHER_TYPES = ("mc", "empirical")
@@ -172,7 +175,7 @@ class TrainConfig:
                 raise ConfigError(f"fisher_buckets={self.fisher_buckets} needs "
                                   "kfac_approximation 'expand' or 'reduce', not "
                                   f"{self.kfac_approximation_used!r}")
-        if self.fisher_type != "mc" and self.optimizer not in ("kfac", "ekfac"):
+        if self.fisher_type != "mc" and self.optimizer not in KFAC_OPTIMIZERS:
             raise ConfigError(f"fisher_type={self.fisher_type!r} is K-FAC's curvature: it needs "
                               f"optimizer 'kfac' or 'ekfac', not {self.optimizer!r}")
         if self.fisher_weighting != "loss":
@@ -180,7 +183,7 @@ class TrainConfig:
                 raise ConfigError(f"fisher_weighting={self.fisher_weighting!r} reweights the "
                                   "probes of an mc Fisher; fisher_type='empirical' has none "
                                   "(its statistics are the loss's own gradients)")
-            if self.optimizer not in ("kfac", "ekfac") or self.model != "ddpm":
+            if self.optimizer not in KFAC_OPTIMIZERS or self.model != "ddpm":
                 raise ConfigError(f"fisher_weighting={self.fisher_weighting!r} changes the "
                                   "K-FAC Fisher of a DDPM: it needs optimizer 'kfac' or "
                                   f"'ekfac' and model 'ddpm' (got {self.optimizer!r}, "
@@ -612,7 +615,7 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     if config.optimizer == "sgd":
         momentum = 0.9 if config.momentum is None else config.momentum
         return keras.optimizers.SGD(momentum=momentum, nesterov=True, **common)
-    if config.optimizer in ("kfac", "ekfac"):
+    if config.optimizer in KFAC_OPTIMIZERS:
         from tfngd.optimizers import KFAC
 
         # EKFAC: the eigenbasis with corrected eigenvalues (eigen damping, eigh inverses).
