@@ -106,6 +106,7 @@ class TrainConfig:
     inverse_every: int = 100
     inverse_method: str = "cholesky"
     kl_clip: float | None = 1e-3
+    kl_clip_final: float | None = None
     kfac_approximation: str = "auto"
     cg_iterations: int = 10
     kernel_points: int = 64
@@ -175,6 +176,11 @@ class TrainConfig:
                 raise ConfigError(f"fisher_buckets={self.fisher_buckets} needs "
                                   "kfac_approximation 'expand' or 'reduce', not "
                                   f"{self.kfac_approximation_used!r}")
+        if self.kl_clip_final is not None and (self.optimizer not in KFAC_OPTIMIZERS
+                                               or self.kl_clip is None):
+            raise ConfigError(f"kl_clip_final={self.kl_clip_final} ramps K-FAC's KL clip: it "
+                              "needs optimizer 'kfac' or 'ekfac' and a kl_clip to start from "
+                              f"(got {self.optimizer!r}, kl_clip={self.kl_clip})")
         if self.fisher_type != "mc" and self.optimizer not in KFAC_OPTIMIZERS:
             raise ConfigError(f"fisher_type={self.fisher_type!r} is K-FAC's curvature: it needs "
                               f"optimizer 'kfac' or 'ekfac', not {self.optimizer!r}")
@@ -455,6 +461,7 @@ OPTION_RULES = {
     "inverse_every": _PERIOD,
     "inverse_method": Choice(INVERSE_METHODS),
     "kl_clip": Range(float, 0.0, 1e6, low_open=True, optional=True),
+    "kl_clip_final": Range(float, 0.0, 1e6, low_open=True, optional=True),
     "kfac_approximation": Choice(("auto", *APPROXIMATIONS)),
     "cg_iterations": Range(int, 1, 10_000),
     "kernel_points": Range(int, 1, 65_536),
@@ -604,6 +611,18 @@ def learning_rate_schedule(config: TrainConfig) -> keras.optimizers.schedules.Le
     )
 
 
+def kl_clip_schedule(config: TrainConfig):
+    """K-FAC's ``kl_clip``: the constant ``config.kl_clip`` or, with ``kl_clip_final``, the
+    geometric ramp ``kappa_k = kappa_0 (kappa_final / kappa_0)^(k / total_steps)``, which
+    holds the trust region tight while the first steps are large and loosens it as the
+    learning rate decays (see docs/kfac.md, "The KL clip")."""
+    if config.kl_clip_final is None:
+        return config.kl_clip
+    return keras.optimizers.schedules.ExponentialDecay(
+        config.kl_clip, decay_steps=config.total_steps,
+        decay_rate=config.kl_clip_final / config.kl_clip)
+
+
 def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     """The Keras optimizer named by ``config.optimizer`` with the warm-up + cosine schedule."""
     lr = learning_rate_schedule(config)
@@ -628,7 +647,7 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
                     inverse_every=config.inverse_every,
                     approximation=config.kfac_approximation_used,
                     fisher_buckets=config.fisher_buckets, fisher=config.fisher_type,
-                    kl_clip=config.kl_clip,
+                    kl_clip=kl_clip_schedule(config),
                     momentum=0.5 if config.momentum is None else config.momentum,
                     seed=config.seed, **modes, **common)
     if config.optimizer in SAMPLE_SPACE_METRICS:
@@ -691,6 +710,8 @@ OPTION_HELP = {
     "kl_clip": "K-FAC trust region kappa: the update is scaled by nu = min(1, sqrt(kappa / "
     "(eta^2 g^T F^-1 g))), so the quadratic KL of a step is at most kappa; 'none' disables "
     "(kfac, ekfac)",
+    "kl_clip_final": "K-FAC: kappa at the last step; the clip ramps geometrically from kl_clip "
+    "to it over training ('none': a constant kl_clip) (kfac, ekfac)",
     "kfac_approximation": "K-FAC factors of shared weights (convolutions, Dense over tokens, "
     "layers called several times): auto (per_example for ndm, else expand), expand (every "
     "position an example), reduce (positions pooled first: cheaper) or per_example (from each "

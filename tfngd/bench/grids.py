@@ -46,7 +46,7 @@ FIRST_ORDER = ("adam", "adamw", "sgd")
 TUNABLE = ("learning_rate", "damping", "momentum", "weight_decay", "statistics_every",
            "inverse_every", "global_clipnorm", "final_lr_fraction", "kfac_approximation",
            "cg_iterations", "kernel_points", "fisher_buckets", "fisher_weighting",
-           "fisher_type", "kl_clip")
+           "fisher_type", "kl_clip", "kl_clip_final")
 
 GRIDS: dict[str, dict[str, tuple]] = {
     "adam": {"learning_rate": (5e-4, 1e-3, 2e-3, 4e-3)},

@@ -108,7 +108,7 @@ LATER_OPTIONS = {"kfac_approximation": "expand", "model": "ddpm", "sde": "vp",
                  "vlb_weight": 0.001, "precision": "float32", "strategy": "none",
                  "nonfinite_policy": "skip", "cg_iterations": 10, "kernel_points": 64,
                  "fisher_buckets": 1, "fisher_weighting": "loss",
-                 "fisher_type": "mc", "kl_clip": 1e-3}
+                 "fisher_type": "mc", "kl_clip": 1e-3, "kl_clip_final": None}
 
 
 def comparable_identity(identity: dict) -> str | None:

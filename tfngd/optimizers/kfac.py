@@ -113,7 +113,7 @@ class KFAC(keras.optimizers.Optimizer):
     the weights) and a diagonal scale-and-shift Fisher for GroupNormalization
     (:mod:`tfngd.optimizers.curvature_blocks` has the formulas). The step is::
 
-        nu = min(1, sqrt(kl_clip / (eta^2 * sum_l <U_l, dW_l>)))   # norm constraint
+        nu = min(1, sqrt(kappa_k / (eta^2 * sum_l <U_l, dW_l>)))   # norm constraint
         m  <- momentum * m + nu * U                                  # precondition, then momentum
         W  <- W - eta * m
 
@@ -207,7 +207,9 @@ class KFAC(keras.optimizers.Optimizer):
         at step 0) and inverses that are ``T`` steps stale make training diverge
         (seen on our U-Net with ``T = 10``). Defaults to 20, about the time
         constant ``1 / (1 - statistics_decay)`` of the factor EMA.
-      kl_clip: ``kappa`` of the norm constraint, or None to disable it. Defaults to 1e-3.
+      kl_clip: ``kappa`` of the norm constraint: a float, a ``LearningRateSchedule`` of the
+        step (``kappa_k``, e.g. a geometric ramp that loosens the trust region as
+        training settles), or None to disable it. Defaults to 1e-3.
       momentum: heavy-ball coefficient applied after preconditioning and
         clipping (0 disables momentum and its variables). Defaults to 0.5: with
         kfac-pytorch's 0.9 our diffusion MLP diverged within 100 steps at every
@@ -260,7 +262,7 @@ class KFAC(keras.optimizers.Optimizer):
         statistics_every: int = 1,
         inverse_every: int = 10,
         inverse_warmup_steps: int = 20,
-        kl_clip: float | None = 1e-3,
+        kl_clip: float | LearningRateSchedule | None = 1e-3,
         momentum: float = 0.5,
         fallback_learning_rate=1e-3,
         fisher_buckets: int = 1,
@@ -299,8 +301,11 @@ class KFAC(keras.optimizers.Optimizer):
         require_positive("damping", damping)
         require_fraction("statistics_decay", statistics_decay)
         require_fraction("momentum", momentum)
-        if kl_clip is not None and not kl_clip > 0:
-            raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
+        if isinstance(kl_clip, dict):
+            kl_clip = keras.saving.deserialize_keras_object(kl_clip)
+        if not (kl_clip is None or isinstance(kl_clip, LearningRateSchedule) or kl_clip > 0):
+            raise ValueError(f"kl_clip must be > 0, a LearningRateSchedule or None, "
+                             f"got {kl_clip}")
         require_counts(mc_samples=mc_samples, statistics_every=statistics_every,
                        inverse_every=inverse_every)
         if statistics_examples is not None and (int(statistics_examples) != statistics_examples
@@ -335,7 +340,8 @@ class KFAC(keras.optimizers.Optimizer):
         self.statistics_every = int(statistics_every)
         self.inverse_every = int(inverse_every)
         self.inverse_warmup_steps = int(inverse_warmup_steps)
-        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.kl_clip = (kl_clip if kl_clip is None or isinstance(kl_clip, LearningRateSchedule)
+                        else float(kl_clip))
         self.momentum = float(momentum)
         if isinstance(fallback_learning_rate, dict):
             fallback_learning_rate = keras.saving.deserialize_keras_object(fallback_learning_rate)
@@ -724,13 +730,17 @@ class KFAC(keras.optimizers.Optimizer):
                              self.iterations < self.inverse_warmup_steps)
 
     # -- update ------------------------------------------------------------------
+    def _at_this_step(self, value) -> tf.Tensor:
+        """A float, a ``LearningRateSchedule`` (evaluated at ``iterations``) or a callable
+        hyperparameter, as a float32 tensor."""
+        if isinstance(value, LearningRateSchedule):
+            value = value(self.iterations)
+        elif callable(value):
+            value = value()
+        return tf.cast(value, tf.float32)
+
     def _fallback_lr(self):
-        rate = self.fallback_learning_rate
-        if isinstance(rate, LearningRateSchedule):
-            rate = rate(self.iterations)
-        elif callable(rate):
-            rate = rate()
-        return tf.cast(rate, tf.float32)
+        return self._at_this_step(self.fallback_learning_rate)
 
     def _apply_weight_decay(self, variables):
         """Deferred into the guarded update (so a skipped step leaves the weights alone)."""
@@ -881,14 +891,15 @@ class KFAC(keras.optimizers.Optimizer):
         return ok
 
     def _kl_clip_scale(self, updates, block_grads, learning_rate):
-        """``nu = min(1, sqrt(kl_clip / (eta^2 sum_l <U_l, dW_l>)))`` (1 without kl_clip)."""
+        """``nu = min(1, sqrt(kappa_k / (eta^2 sum_l <U_l, dW_l>)))`` (1 without kl_clip)."""
         products = [tf.reduce_sum(u * tf.cast(g, tf.float32))
                     for us, gs in zip(updates, block_grads, strict=True) if us is not None
                     for u, g in zip(us, gs, strict=True)]
         if self.kl_clip is None or not products:
             return tf.constant(1.0)
         quadratic = tf.maximum(tf.add_n(products), _TINY)
-        return tf.minimum(1.0, tf.sqrt(self.kl_clip / (learning_rate**2 * quadratic)))
+        kappa = self._at_this_step(self.kl_clip)
+        return tf.minimum(1.0, tf.sqrt(kappa / (learning_rate**2 * quadratic)))
 
     def _apply_with_momentum(self, updates, scale, learning_rate):
         """``m <- momentum * m + nu * U``; ``W <- W - eta * m`` (``m = nu U`` without momentum)."""
@@ -925,8 +936,8 @@ class KFAC(keras.optimizers.Optimizer):
 
     # -- diagnostics ---------------------------------------------------------------
     def diagnostics(self) -> dict[str, tf.Tensor]:
-        """Scalars for TensorBoard: damping, the KL-clip scale ``nu`` of the last update,
-        skipped updates, inverse refreshes and, per block, the factor eigenvalue
+        """Scalars for TensorBoard: damping, the KL-clip scale ``nu`` of the last update
+        (and the clip ``kappa_k`` itself when it is a schedule), skipped updates, inverse refreshes and, per block, the factor eigenvalue
         extremes (Fisher diagonal extremes for GroupNorm) of the last refresh.
         """
         if not self.built:
@@ -937,6 +948,8 @@ class KFAC(keras.optimizers.Optimizer):
             "kfac/skipped_updates": tf.convert_to_tensor(self._skipped_updates),
             "kfac/inverse_refreshes": tf.convert_to_tensor(self._inverse_refreshes),
         }
+        if isinstance(self.kl_clip, LearningRateSchedule):
+            result["kfac/kl_clip"] = self._at_this_step(self.kl_clip)
         for bucket, blocks in enumerate(self._require_registration().bucket_blocks):
             prefix = "kfac" if bucket == 0 else f"kfac/bucket{bucket}"
             for block in blocks:
@@ -981,9 +994,10 @@ class KFAC(keras.optimizers.Optimizer):
     # -- serialisation -----------------------------------------------------------
     def get_config(self):
         config = super().get_config()
-        fallback_rate = self.fallback_learning_rate
-        if isinstance(fallback_rate, LearningRateSchedule):
-            fallback_rate = keras.saving.serialize_keras_object(fallback_rate)
+        def serialized(value):
+            return (keras.saving.serialize_keras_object(value)
+                    if isinstance(value, LearningRateSchedule) else value)
+
         config.update({
             "damping": self.initial_damping,
             "damping_mode": self.damping_mode,
@@ -997,9 +1011,9 @@ class KFAC(keras.optimizers.Optimizer):
             "statistics_every": self.statistics_every,
             "inverse_every": self.inverse_every,
             "inverse_warmup_steps": self.inverse_warmup_steps,
-            "kl_clip": self.kl_clip,
+            "kl_clip": serialized(self.kl_clip),
             "momentum": self.momentum,
-            "fallback_learning_rate": fallback_rate,
+            "fallback_learning_rate": serialized(self.fallback_learning_rate),
             "fisher_buckets": self.fisher_buckets,
             "seed": self.seed,
             "skip_unsupported_layers": self.skip_unsupported_layers,
