@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tfngd.config import (
+    OPTION_HELP,
     ConfigError,
     TrainConfig,
     build_model,
@@ -97,6 +98,22 @@ def test_kfac_options_reach_the_optimizer():
     for bad in (0.0, -1e-3, float("nan")):
         with pytest.raises(ConfigError, match="kl_clip"):
             TrainConfig(kl_clip=bad).validate()
+        with pytest.raises(ConfigError, match="kl_clip_final"):
+            TrainConfig(kl_clip_final=bad).validate()
+
+
+def test_kl_clip_final_ramps_the_clip_geometrically_over_training():
+    config = TrainConfig(kl_clip=1e-3, kl_clip_final=1e-1, epochs=2, steps_per_epoch=50,
+                         warmup_steps=10).validate()
+    kappa = build_optimizer(config).kl_clip
+    for step, expected in ((0, 1e-3), (25, 1e-3 * 100**0.25), (50, 1e-2), (100, 1e-1)):
+        assert float(kappa(step)) == pytest.approx(expected, rel=1e-5), step
+    restored = build_optimizer(config).from_config(build_optimizer(config).get_config())
+    assert float(restored.kl_clip(50)) == pytest.approx(1e-2, rel=1e-5)
+    assert "kl_clip_final" in OPTION_HELP
+    for bad in ({"optimizer": "adam"}, {"kl_clip": None}):
+        with pytest.raises(ConfigError, match="kl_clip_final"):
+            TrainConfig(kl_clip_final=1e-2, **bad).validate()
 
 
 @pytest.mark.parametrize("model,expected", [("ddpm", "expand"), ("ndm", "per_example"),

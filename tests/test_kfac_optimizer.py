@@ -70,7 +70,7 @@ def test_config_round_trip_with_schedules():
         damping=3e-3, damping_mode="eigen", inverse_method="eigh", fisher="empirical",
         mc_samples=2, statistics_examples=12,
         statistics_decay=0.9, statistics_every=2, inverse_every=7, inverse_warmup_steps=3,
-        kl_clip=None, momentum=0.5,
+        kl_clip=keras.optimizers.schedules.ExponentialDecay(1e-3, 800, 10.0), momentum=0.5,
         fallback_learning_rate=keras.optimizers.schedules.CosineDecay(1e-3, 50), seed=11,
         skip_unsupported_layers=True, weight_decay=1e-4, global_clipnorm=1.0, use_ema=True,
         name="my_kfac",
@@ -78,6 +78,7 @@ def test_config_round_trip_with_schedules():
     config = optimizer.get_config()
     restored = KFAC.from_config(dict(config))  # Keras' from_config edits its argument
     assert restored.get_config() == config
+    assert float(restored.kl_clip(400)) == pytest.approx(1e-3 * 10**0.5, rel=1e-6)
     again = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert isinstance(again, KFAC) and again.get_config() == config
     for key in ("damping", "damping_mode", "inverse_method", "fisher", "mc_samples",
@@ -86,6 +87,29 @@ def test_config_round_trip_with_schedules():
                 "kl_clip", "momentum",
                 "fallback_learning_rate", "seed", "skip_unsupported_layers"):
         assert key in config
+
+
+def test_kl_clip_holds_each_step_to_its_scheduled_trust_region():
+    """With ``nu < 1`` the step ``dW = -eta nu U`` has quadratic KL ``eta^2 nu^2 <U, g> =
+    -eta nu <dW, g> = kappa_k``: check it against kappa_k = 1e-6 * 3^k, from the weight change
+    and the loss gradient of each batch (taken here, independently of the optimizer)."""
+    kappa = keras.optimizers.schedules.ExponentialDecay(1e-6, decay_steps=1, decay_rate=3.0)
+    model = regressor(with_embedding=False)
+    model.compile(optimizer=kfac(kl_clip=kappa, momentum=0.0), loss="mse")
+    for step, ((x, _), y) in enumerate(batches(4)):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        before = [v.numpy() for v in model.trainable_variables]
+        model.train_on_batch(x, y)
+        diagnostics = model.optimizer.diagnostics()
+        nu = float(diagnostics["kfac/update_scale"])
+        inner = sum(float(np.sum((v.numpy() - b) * g.numpy()))
+                    for v, b, g in zip(model.trainable_variables, before, grads, strict=True))
+        assert nu < 1, step
+        assert -0.05 * nu * inner == pytest.approx(1e-6 * 3.0**step, rel=1e-3), step
+        # the diagnostic is read after the step: the clip of the next one
+        assert float(diagnostics["kfac/kl_clip"]) == pytest.approx(1e-6 * 3.0**(step + 1))
 
 
 def test_invalid_arguments_raise():
@@ -97,6 +121,8 @@ def test_invalid_arguments_raise():
         KFAC(damping_mode="eigen", inverse_method="cholesky")
     with pytest.raises(ValueError, match="inverse_every"):
         KFAC(inverse_every=0)
+    with pytest.raises(ValueError, match="kl_clip"):
+        KFAC(kl_clip=0.0)
     with pytest.raises(NotImplementedError, match="gradient_accumulation"):
         KFAC(gradient_accumulation_steps=2)
 

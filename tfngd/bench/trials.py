@@ -126,8 +126,8 @@ def comparable_identity(identity: dict) -> str | None:
     except (KeyError, TypeError, ValueError):
         return None
     for name, neutral in LATER_OPTIONS.items():
-        if config.get(name) == neutral:
-            del config[name]
+        if config.get(name, neutral) == neutral:  # absent: recorded before the option existed
+            config.pop(name, None)
     return json.dumps({**identity, "config": config}, sort_keys=True)
 
 

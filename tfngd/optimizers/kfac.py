@@ -937,8 +937,9 @@ class KFAC(keras.optimizers.Optimizer):
     # -- diagnostics ---------------------------------------------------------------
     def diagnostics(self) -> dict[str, tf.Tensor]:
         """Scalars for TensorBoard: damping, the KL-clip scale ``nu`` of the last update
-        (and the clip ``kappa_k`` itself when it is a schedule), skipped updates, inverse refreshes and, per block, the factor eigenvalue
-        extremes (Fisher diagonal extremes for GroupNorm) of the last refresh.
+        (and, when the clip is a schedule, its ``kappa_k`` for the next step), skipped
+        updates, inverse refreshes and, per block, the factor eigenvalue extremes (Fisher
+        diagonal extremes for GroupNorm) of the last refresh.
         """
         if not self.built:
             return {}
