@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tfngd.bench import benchmark, grids, protocol, tasks
-from tfngd.bench.trials import TrialStore
+from tfngd.bench.trials import TrialStore, write_json
 from tfngd.config import OPTIMIZERS, learning_rate_schedule
 
 
@@ -341,3 +341,26 @@ def test_a_full_run_answers_the_tuning_trial_that_trained_the_same_but_not_conve
                             progress=lambda _: None, trial_runner=short, render=False)
     # The 20-step tuning trials run; the 40-step finals are those of the first benchmark.
     assert len(short.calls) == 4 and all("-20steps-" in call for call in short.calls)
+
+
+def _rewrite(path, writer, times):
+    for i in range(times):
+        write_json(path, {"writer": writer, "i": i, "payload": list(range(200))})
+
+
+def test_benchmarks_side_by_side_do_not_corrupt_a_shared_json_file(tmp_path):
+    """Two processes (one optimizer per core, into one output directory) rewrite the same
+    benchmark.json: every write is atomic, none fails, and the file always parses."""
+    import multiprocessing
+
+    path = str(tmp_path / "benchmark.json")
+    context = multiprocessing.get_context("fork")  # the children only write JSON
+    workers = [context.Process(target=_rewrite, args=(path, writer, 200)) for writer in (0, 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    record = json.loads(open(path).read())
+    assert record["i"] == 199 and record["payload"] == list(range(200))
+    assert os.listdir(tmp_path) == ["benchmark.json"]

@@ -181,9 +181,11 @@ def clean_json(value):
 
 
 def write_json(path: str, data) -> None:
-    """Atomic write (temporary file + rename), so a killed process leaves no half file."""
+    """Atomic write (temporary file + rename), so a killed process leaves no half file; the
+    temporary name is the process's own, so benchmarks run side by side into one directory
+    (one optimizer per core) do not rename each other's files."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(clean_json(data), f, indent=1, allow_nan=False)
         f.write("\n")
