@@ -156,12 +156,12 @@ class TrainConfig:
             raise ConfigError(f"sample_steps={self.sample_steps} is not valid; it must be an "
                               f"integer in [1, {self.num_timesteps}] (num_timesteps)")
         self._validate_model_kind()
-        self._validate_fisher_options()
+        self._validate_kfac_options()
         return self
 
-    def _validate_fisher_options(self) -> None:
-        """``fisher_buckets`` / ``fisher_weighting`` (the diffusion-aware K-FAC Fisher) and
-        ``fisher_type``."""
+    def _validate_kfac_options(self) -> None:
+        """K-FAC's own options: ``fisher_buckets`` / ``fisher_weighting`` (the diffusion-aware
+        Fisher), ``kl_clip_final`` and ``fisher_type``."""
         if self.fisher_buckets > 1:
             if self.optimizer != "kfac":
                 raise ConfigError(f"fisher_buckets={self.fisher_buckets} needs optimizer "
@@ -615,7 +615,7 @@ def kl_clip_schedule(config: TrainConfig):
     """K-FAC's ``kl_clip``: the constant ``config.kl_clip`` or, with ``kl_clip_final``, the
     geometric ramp ``kappa_k = kappa_0 (kappa_final / kappa_0)^(k / total_steps)``, which
     holds the trust region tight while the first steps are large and loosens it as the
-    learning rate decays (see docs/kfac.md, "The KL clip")."""
+    learning rate decays (docs/kfac.md, "The update": the KL clip)."""
     if config.kl_clip_final is None:
         return config.kl_clip
     return keras.optimizers.schedules.ExponentialDecay(

@@ -57,6 +57,18 @@ class _Registration:
                          "optimizer.build(model.trainable_variables) before the first step")
 
 
+def _schedule_from_config(value):
+    """A hyperparameter as ``get_config`` wrote it: a serialised schedule (a dict) becomes
+    the ``LearningRateSchedule`` again; anything else is returned as it is."""
+    return keras.saving.deserialize_keras_object(value) if isinstance(value, dict) else value
+
+
+def _schedule_to_config(value):
+    """The inverse of :func:`_schedule_from_config`, for ``get_config``."""
+    return (keras.saving.serialize_keras_object(value)
+            if isinstance(value, LearningRateSchedule) else value)
+
+
 def _run_if(predicate, function) -> None:
     """``tf.cond(predicate, function, no-op)`` for side-effect-only ``function``."""
 
@@ -301,8 +313,7 @@ class KFAC(keras.optimizers.Optimizer):
         require_positive("damping", damping)
         require_fraction("statistics_decay", statistics_decay)
         require_fraction("momentum", momentum)
-        if isinstance(kl_clip, dict):
-            kl_clip = keras.saving.deserialize_keras_object(kl_clip)
+        kl_clip = _schedule_from_config(kl_clip)
         if not (kl_clip is None or isinstance(kl_clip, LearningRateSchedule) or kl_clip > 0):
             raise ValueError(f"kl_clip must be > 0, a LearningRateSchedule or None, "
                              f"got {kl_clip}")
@@ -343,9 +354,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.kl_clip = (kl_clip if kl_clip is None or isinstance(kl_clip, LearningRateSchedule)
                         else float(kl_clip))
         self.momentum = float(momentum)
-        if isinstance(fallback_learning_rate, dict):
-            fallback_learning_rate = keras.saving.deserialize_keras_object(fallback_learning_rate)
-        self.fallback_learning_rate = fallback_learning_rate
+        self.fallback_learning_rate = _schedule_from_config(fallback_learning_rate)
         self.seed = int(seed)
         self.skip_unsupported_layers = bool(skip_unsupported_layers)
         self._registration = None
@@ -995,10 +1004,6 @@ class KFAC(keras.optimizers.Optimizer):
     # -- serialisation -----------------------------------------------------------
     def get_config(self):
         config = super().get_config()
-        def serialized(value):
-            return (keras.saving.serialize_keras_object(value)
-                    if isinstance(value, LearningRateSchedule) else value)
-
         config.update({
             "damping": self.initial_damping,
             "damping_mode": self.damping_mode,
@@ -1012,9 +1017,9 @@ class KFAC(keras.optimizers.Optimizer):
             "statistics_every": self.statistics_every,
             "inverse_every": self.inverse_every,
             "inverse_warmup_steps": self.inverse_warmup_steps,
-            "kl_clip": serialized(self.kl_clip),
+            "kl_clip": _schedule_to_config(self.kl_clip),
             "momentum": self.momentum,
-            "fallback_learning_rate": serialized(self.fallback_learning_rate),
+            "fallback_learning_rate": _schedule_to_config(self.fallback_learning_rate),
             "fisher_buckets": self.fisher_buckets,
             "seed": self.seed,
             "skip_unsupported_layers": self.skip_unsupported_layers,
