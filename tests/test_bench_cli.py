@@ -99,6 +99,8 @@ def test_end_to_end_resume_and_report_only(tmp_path, capsys):
     (["--grid", "adam:batch_size=3"], "not a tunable"),
     (["--set", "optimizer=sgd"], "fixed by the protocol"),
     (["--set", "hidden_units=0"], "hidden_units=0 is not valid"),
+    (["--bpd-chain-steps", "1"], "--bpd-chain-steps must be >= 2, got 1"),
+    (["--bpd-chain-steps", "all"], "--bpd-chain-steps must be an integer, got 'all'"),
     (["--tasks", "mnist", "--data-dir", "/nonexistent/mnist"], "--data-dir /nonexistent/mnist "
                                                               "does not exist"),
 ])

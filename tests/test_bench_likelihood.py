@@ -49,15 +49,20 @@ def test_held_out_bits_per_dim_is_the_bound_of_each_batch_on_a_linspace_chain():
     assert other["bits_per_dim"] != result["bits_per_dim"]
 
 
-def test_an_image_task_end_to_end_records_sample_metrics_and_bits_per_dim(tmp_path, capsys):
-    output = tmp_path / "bench"
+def tiny_digits_bench(output, *extra) -> list[str]:
+    """tfngd-bench arguments: one 4-step Adam final of the tiny U-Net on the digits."""
     args = ["--tasks", "digits", "--optimizers", "adam", "--seeds", "1", "--steps", "4",
             "--eval-every", "2", "--grid", "adam=1e-3", "--num-samples", "32",
-            "--curve-samples", "0", "--set", "sample_steps=3", "--output", str(output)]
+            "--curve-samples", "0", "--set", "sample_steps=3", "--output", str(output), *extra]
     for name, value in TINY_UNET.items():
         value = ",".join(map(str, value)) if isinstance(value, tuple) else value
         args += ["--set", f"{name}={value}"]
-    assert bench.main(args) == 0, capsys.readouterr().err
+    return args
+
+
+def test_an_image_task_end_to_end_records_sample_metrics_and_bits_per_dim(tmp_path, capsys):
+    output = tmp_path / "bench"
+    assert bench.main(tiny_digits_bench(output)) == 0, capsys.readouterr().err
     (path,) = (output / "trials" / "digits").glob("*.json")
     record = json.loads(path.read_text())
     assert set(record["samples"]["metrics"]) >= {"frechet_distance", "kid"}
@@ -74,3 +79,23 @@ def test_an_image_task_end_to_end_records_sample_metrics_and_bits_per_dim(tmp_pa
     assert "Held-out likelihood (bits/dim" in report
     assert f"{held_out['bits_per_dim']:.4g}" in report
     assert "on the full 40-step chain (x0 clipped)" in report and "respaced" not in report
+
+
+def test_bpd_chain_steps_scores_the_finals_on_the_chain_asked_for(tmp_path, capsys):
+    """--bpd-chain-steps 5: the record holds the bound on a 5-step chain (not the default
+    chain, which is the full 40 steps here), the choice is in the trial's identity and the
+    benchmark's settings, and the report names the chain."""
+    output = tmp_path / "bench"
+    assert bench.main(tiny_digits_bench(output, "--bpd-chain-steps", "5")) == 0, \
+        capsys.readouterr().err
+    (path,) = (output / "trials" / "digits").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["likelihood"]["chain_steps"] == 5 and record["identity"]["bpd_chain_steps"] == 5
+    assert record["likelihood"]["num_timesteps"] == 40
+    report = (output / "REPORT.md").read_text()
+    assert f"{record['likelihood']['bits_per_dim']:.4g}" in report
+    assert "on a 5-step respaced chain" in report
+    assert json.loads((output / "benchmark.json").read_text())["settings"]["bpd_chain_steps"] == 5
+    # --report-only reads the chain back from benchmark.json and finds the same trial.
+    assert bench.main(["--report-only", "--output", str(output)]) == 0
+    assert "on a 5-step respaced chain" in (output / "REPORT.md").read_text()

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from tfngd.bench import benchmark, grids, protocol, tasks
+from tfngd.bench import benchmark, grids, protocol, tasks, trials
 from tfngd.bench.trials import TrialStore, write_json
-from tfngd.config import OPTIMIZERS, learning_rate_schedule
+from tfngd.config import OPTIMIZERS, TrainConfig, learning_rate_schedule
 
 
 def test_every_optimizer_gets_an_equal_default_grid():
@@ -94,6 +94,9 @@ def test_settings_validation_messages():
           eval_every=300)
     check("--grid for 'kfac'", optimizers=("adam",), grids={"kfac": {"damping": (1e-3,)}})
     check("task checkerboard: batch_size", config_overrides={"batch_size": 0})
+    for chain in (1, 0, "half", True, 2.5):
+        check(r"--bpd-chain-steps must be an integer >= 2 \(the chain keeps t = 0 and T - 1\) "
+              "or 'full'", bpd_chain_steps=chain)
     settings = protocol.BenchSettings(tasks=("checkerboard", "digits"), steps=600, eval_every=100)
     assert settings.validate().horizons(tasks.get_task("digits")) == (500, 600, 100)
     assert protocol.BenchSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) \
@@ -124,6 +127,42 @@ def test_trial_identity():
     assert [s.seed for s in final] == [0, 1]
     assert final[0].num_samples == tasks.get_task("checkerboard").num_samples
     assert a[0].num_samples == 0 and a[0].curve_samples == 0
+
+
+def test_the_bits_per_dim_chain_is_part_of_the_identity_of_the_trials_that_score_it_only():
+    """A chosen chain changes the finals of image tasks (they score bits/dim) and nothing
+    else: tuning trials, 2-D finals and the default keep the identity trials had before the
+    option existed, and a full-chain final trains like (answers) its 100-step twin's
+    tuning trial."""
+    def specs(**changes):
+        settings = small_settings(tasks=("checkerboard", "digits"), tune_steps=20, steps=20,
+                                  seeds=1, **changes)
+        point = {"learning_rate": 1e-3}
+        return {name: (protocol.tuning_specs(settings, name, ["adam"])[0],
+                       protocol.final_specs(settings, name, "adam", point)[0])
+                for name in ("checkerboard", "digits")}
+
+    default, full, twelve = specs(), specs(bpd_chain_steps="full"), specs(bpd_chain_steps=12)
+    t = TrainConfig().num_timesteps  # the digits task's T (1000)
+    assert default["digits"][1].bpd_chain_steps == trials.BPD_CHAIN_STEPS
+    assert "bpd_chain_steps" not in default["digits"][1].identity  # ids recorded before stay
+    assert full["digits"][1].bpd_chain_steps == t == full["digits"][1].identity["bpd_chain_steps"]
+    assert twelve["digits"][1].bpd_chain_steps == 12
+    assert len({run["digits"][1].trial_id for run in (default, full, twelve)}) == 3
+    for run in (full, twelve):  # what does not score bits/dim is the same trial
+        assert run["digits"][0].trial_id == default["digits"][0].trial_id
+        assert [s.trial_id for s in run["checkerboard"]] == \
+            [s.trial_id for s in default["checkerboard"]]
+    assert trials.training_identity(full["digits"][1].identity) == \
+        trials.training_identity(default["digits"][1].identity)
+    assert trials.spec_key(full["digits"][1]) != trials.spec_key(default["digits"][1])
+    # "full" is T whatever T is, and a longer chain than T is capped at it.
+    short = specs(bpd_chain_steps=5000, config_overrides={"hidden_units": 16,
+                                                          "num_timesteps": 200})
+    assert short["digits"][1].bpd_chain_steps == 200
+    assert short["digits"][1].trial_id == specs(
+        bpd_chain_steps="full", config_overrides={"hidden_units": 16, "num_timesteps": 200}
+    )["digits"][1].trial_id
 
 
 # -- a fake trial runner: synthetic curves, instant ----------------------------------------------

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--curve-samples", default=None,
                         help="samples at every evaluation point of a stage-2 run, 0 disables "
                         "(default: per task)")
+    parser.add_argument("--bpd-chain-steps", default=None,
+                        help="steps of the respaced chain on which stage-2 trials of image "
+                        "tasks score held-out bits/dim (at least 2), or 'full' for the "
+                        "whole T-step chain, the bound comparable with published numbers "
+                        "(about T/100 times slower) (default: 100)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="output directory")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                         help="MNIST IDX directory (task mnist)")
@@ -102,6 +107,8 @@ def settings_from_args(args):
         config_overrides=overrides,
         num_samples=_integer("--num-samples", args.num_samples),
         curve_samples=_integer("--curve-samples", args.curve_samples, minimum=0),
+        bpd_chain_steps=(args.bpd_chain_steps if args.bpd_chain_steps in (None, "full")
+                         else _integer("--bpd-chain-steps", args.bpd_chain_steps, minimum=2)),
         data_dir=args.data_dir,
         jit=args.jit,
     ).validate()

@@ -25,7 +25,7 @@ import dataclasses
 import typing
 
 from tfngd.bench import analysis, grids, tasks
-from tfngd.bench.trials import TrialSpec
+from tfngd.bench.trials import BPD_CHAIN_STEPS, TrialSpec
 from tfngd.config import ConfigError, TrainConfig
 
 
@@ -46,6 +46,9 @@ class BenchSettings:
     tune_seed: int = 0
     data_dir: str | None = None
     jit: bool = False
+    # Steps of the chain of the held-out bits/dim (stage 2, image tasks): None means
+    # trials.BPD_CHAIN_STEPS, "full" the task's whole chain (T); capped at T.
+    bpd_chain_steps: int | str | None = None
 
     def horizons(self, task: tasks.Task) -> tuple[int, int, int]:
         """``(tune_steps, steps, eval_every)`` of ``task`` under these settings."""
@@ -68,6 +71,11 @@ class BenchSettings:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{option} must be a positive integer, got {value!r}")
+        if self.bpd_chain_steps is not None and self.bpd_chain_steps != "full" and (
+                isinstance(self.bpd_chain_steps, bool) or not isinstance(self.bpd_chain_steps, int)
+                or self.bpd_chain_steps < 2):
+            raise ValueError("--bpd-chain-steps must be an integer >= 2 (the chain keeps t = 0 "
+                             f"and T - 1) or 'full', got {self.bpd_chain_steps!r}")
         if self.curve_samples is not None and self.curve_samples < 0:
             raise ValueError(f"--curve-samples must be >= 0, got {self.curve_samples}")
         for optimizer in self.grids:
@@ -165,7 +173,21 @@ def _spec(settings: BenchSettings, task: tasks.Task, optimizer: str, hyperparame
     return TrialSpec(task=task.name, optimizer=optimizer, hyperparameters=dict(hyperparameters),
                      seed=seed, steps=steps, eval_every=eval_every, stage=stage,
                      num_samples=num_samples, curve_samples=curve_samples if final else 0,
-                     config=config)
+                     config=config, bpd_chain_steps=_bpd_chain_steps(settings, task, config,
+                                                                     final))
+
+
+def _bpd_chain_steps(settings: BenchSettings, task: tasks.Task, config: TrainConfig,
+                     final: bool) -> int:
+    """The chain of a trial's held-out bits/dim: the chosen one, capped at ``T``, where the
+    trial scores bits/dim (stage 2 of an image task), the default elsewhere (so the choice
+    leaves the identity of every other trial alone)."""
+    if not (final and task.kind == "images" and task.bpd_examples != 0):
+        return BPD_CHAIN_STEPS
+    wanted = settings.bpd_chain_steps
+    if wanted is None:
+        wanted = BPD_CHAIN_STEPS
+    return config.num_timesteps if wanted == "full" else min(wanted, config.num_timesteps)
 
 
 def tuning_specs(settings: BenchSettings, task_name: str,

@@ -26,7 +26,8 @@ evaluation bank as ``validation_data``. Recorded:
   metrics at every evaluation point (the sample curve);
 * for stage-2 trials of image tasks, the held-out likelihood in bits/dim
   (:func:`held_out_bits_per_dim`: the DDPM variational bound of the EMA
-  weights on a :data:`BPD_CHAIN_STEPS`-step respaced chain);
+  weights on a respaced chain of :attr:`TrialSpec.bpd_chain_steps` steps, by default
+  :data:`BPD_CHAIN_STEPS`; the full chain when that is ``T``);
 * TensorBoard scalars (:class:`tfngd.callbacks.DiffusionTensorBoard`).
 
 Every random draw is fixed by the trial seed (initial weights, batch order,
@@ -61,8 +62,9 @@ BANK_SEED = 1  # the (x0, t, noise) evaluation bank
 BANK_BATCH = 1000
 PNG_IMAGES = 64  # images in a trial's sample grid
 # Held-out bits/dim of image trials: the variational bound on a respaced chain of this many
-# steps (linspace spacing, keeping t = 0 and T - 1), predicted x0 clipped to [-1, 1], the
-# noise of each batch from the seed pair (BPD_SEED, batch index).
+# steps by default (linspace spacing, keeping t = 0 and T - 1; tfngd-bench --bpd-chain-steps
+# chooses another, "full" the whole chain), predicted x0 clipped to [-1, 1], the noise of
+# each batch from the seed pair (BPD_SEED, batch index).
 BPD_CHAIN_STEPS = 100
 BPD_SEED = 2
 REQUIRED_KEYS = ("trial_id", "task", "optimizer", "hyperparameters", "seed", "steps", "curve",
@@ -83,16 +85,23 @@ class TrialSpec:
     num_samples: int
     curve_samples: int
     config: TrainConfig
+    bpd_chain_steps: int = BPD_CHAIN_STEPS  # of the held-out bits/dim (stage 2, images)
 
     @property
     def identity(self) -> dict:
-        """What the result depends on (the data directory's location does not count)."""
+        """What the result depends on (the data directory's location does not count).
+
+        ``bpd_chain_steps`` is part of it only when it is not :data:`BPD_CHAIN_STEPS`, so
+        the trials recorded before it could be chosen keep their identity."""
         config = self.config.to_dict()
         config.pop("data_dir", None)
-        return {"harness_version": HARNESS_VERSION, "config": config,
-                "eval_every": self.eval_every, "num_samples": self.num_samples,
-                "curve_samples": self.curve_samples, "data_seed": DATA_SEED,
-                "bank_seed": BANK_SEED}
+        identity = {"harness_version": HARNESS_VERSION, "config": config,
+                    "eval_every": self.eval_every, "num_samples": self.num_samples,
+                    "curve_samples": self.curve_samples, "data_seed": DATA_SEED,
+                    "bank_seed": BANK_SEED}
+        if self.bpd_chain_steps != BPD_CHAIN_STEPS:
+            identity["bpd_chain_steps"] = self.bpd_chain_steps
+        return identity
 
     @property
     def trial_id(self) -> str:
@@ -132,14 +141,17 @@ def comparable_identity(identity: dict) -> str | None:
 
 
 def training_identity(identity: dict) -> dict:
-    """``identity`` with the sample counts at zero: what the training alone depends on.
+    """``identity`` with the sample counts at zero and no bits/dim chain: what the training
+    alone depends on.
 
     Sampling cannot change a trial's training: every random draw of a training step is
     stateless, seeded by ``(seed, step)`` (:mod:`tfngd.model`), and the samplers take their
     own seed. So a full run with samples holds everything a tuning trial of the same
     configuration, seed and horizon would record (its curve, timing and final loss), and
     answers it."""
-    return {**identity, "num_samples": 0, "curve_samples": 0}
+    trained = {**identity, "num_samples": 0, "curve_samples": 0}
+    trained.pop("bpd_chain_steps", None)
+    return trained
 
 
 def trial_key(optimizer: str, hyperparameters: dict, seed: int, steps: int,
@@ -147,7 +159,8 @@ def trial_key(optimizer: str, hyperparameters: dict, seed: int, steps: int,
     """What a trial is within one benchmark, whatever the TrainConfig defaults of the day:
     used to find a run's trials again after the code's defaults changed."""
     return (optimizer, json.dumps(hyperparameters, sort_keys=True), int(seed), int(steps),
-            identity["eval_every"], identity["num_samples"], identity["curve_samples"])
+            identity["eval_every"], identity["num_samples"], identity["curve_samples"],
+            identity.get("bpd_chain_steps", BPD_CHAIN_STEPS))
 
 
 def spec_key(spec: TrialSpec) -> tuple:
@@ -508,7 +521,7 @@ def run_trial(spec: TrialSpec, context: TaskContext, output_dir: str) -> dict:
     likelihood_entry = None
     if spec.num_samples and kind == "images" and context.task.bpd_examples != 0:
         held_out = splits.eval[:context.task.bpd_examples]  # None: the whole split
-        likelihood_entry = held_out_bits_per_dim(model, held_out)
+        likelihood_entry = held_out_bits_per_dim(model, held_out, spec.bpd_chain_steps)
 
     record = {
         "trial_id": spec.trial_id,
