@@ -79,6 +79,9 @@ def test_an_image_task_end_to_end_records_sample_metrics_and_bits_per_dim(tmp_pa
     assert "Held-out likelihood (bits/dim" in report
     assert f"{held_out['bits_per_dim']:.4g}" in report
     assert "on the full 40-step chain (x0 clipped)" in report and "respaced" not in report
+    # The task's line names the model changes every optimizer trained with.
+    assert ("Changed for every optimizer (`--set`): attention_resolutions=, base_channels=8, "
+            "channel_mults=1, groups=4, num_timesteps=40, sample_steps=3.") in report
 
 
 def test_bpd_chain_steps_scores_the_finals_on_the_chain_asked_for(tmp_path, capsys):

@@ -81,6 +81,11 @@ def fmt_bool(value) -> str:
     return {True: "yes", False: "**no**", None: "n/a"}[value]
 
 
+def _override_text(value) -> str:
+    """A ``--set`` value as the command line writes it (tuples comma separated)."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -325,7 +330,7 @@ def analyze_task(output: str, settings: protocol.BenchSettings, task_name: str,
             settings_used[opt] = {k: config[k] for k in keys
                                   if k in config and k not in records[0]["hyperparameters"]}
     return {"task": task_name, "description": task.description, "kind": task.kind,
-            "fixed_settings": settings_used,
+            "config_overrides": settings.config_overrides, "fixed_settings": settings_used,
             "optimizers": list(settings.optimizers), "grid_overrides": settings.grids,
             "primary_metric": task.primary_metric, "horizons": settings.horizons(task),
             "tuning": tuning, "selection": plan["selection"], "analysis": result,
@@ -397,8 +402,12 @@ def task_markdown(entry: dict) -> list[str]:
     result = entry["analysis"]
     per = result["per_optimizer"]
     tune_steps, steps, eval_every = entry["horizons"]
-    lines = [f"## {name}", "", f"{entry['description']}. Tuning horizon {tune_steps} steps, "
-             f"full horizon {steps} steps, validation every {eval_every} steps.", ""]
+    overrides = entry.get("config_overrides") or {}
+    changed = (" Changed for every optimizer (`--set`): "
+               + ", ".join(f"{k}={_override_text(v)}" for k, v in sorted(overrides.items()))
+               + ".") if overrides else ""
+    lines = [f"## {name}", "", f"{entry['description']}.{changed} Tuning horizon {tune_steps} "
+             f"steps, full horizon {steps} steps, validation every {eval_every} steps.", ""]
 
     budget = grids.budgets(entry["optimizers"], entry["grid_overrides"], entry["kind"])
     lines += ["### Tuning (stage 1, seed 0)", "",
