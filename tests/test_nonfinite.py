@@ -116,11 +116,14 @@ def test_a_nonfinite_batch_is_skipped_whole(changes, value):
     assert np.isfinite(history["loss"][-1]) and np.isfinite(history["grad_norm"][-1])
     assert history["nonfinite_steps"][-1] == 1
     # The bucketed Fisher: bit-identical when this test runs alone, but within the whole
-    # suite (one process) it has differed in float32 rounding: a few weights by 3e-8, and
-    # once a factor inverse by 4e-8 of its largest entry (cause not found; the differences
-    # are rounding, a wrongly applied or half-applied step would be NaN or far larger).
+    # suite (one process) it has differed in float32 rounding: a few weights by 3e-8, a
+    # factor inverse by 4e-8 and (CI, stop 22) a bias by 1.8e-6 of its largest entry
+    # (cause not found). The tolerance, 1e-4 of a variable's largest entry, sits well
+    # above that and far below what applying the poisoned step would change: with the
+    # step applied instead of skipped, every variable that moves moves by at least 3e-2
+    # of its largest entry (measured on this configuration), 300 times the tolerance.
     _assert_same_state(model, _reference(config, splits, batches),
-                       tolerance=1e-6 if config.fisher_buckets > 1 else 0.0)
+                       tolerance=1e-4 if config.fisher_buckets > 1 else 0.0)
     if config.optimizer in ("kfac", "ekfac"):  # K-FAC's own all-or-nothing check skipped the update
         assert int(model.optimizer.skipped_updates.numpy()) == 1
 
